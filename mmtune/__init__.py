@@ -1,0 +1,23 @@
+# Copyright (c) mmtune contributors. All rights reserved.
+"""mmtune: tune mode for Conv+BN and precise BN for OpenMMLab fine-tuning.
+
+Layers, each importing only the ones below it:
+
+- :mod:`mmtune.ops`: the maths (torch only): folding BN into conv weights,
+  pooled BN statistics.
+- :mod:`mmtune.rewrite`: finding Conv->BN pairs in a model and switching
+  them to tune mode or folding them for deployment (torch + fx).
+- :mod:`mmtune.engine`: mmengine/mmcv integration (hooks, config keys, the
+  mmcv ``ConvModule`` path).
+- ``tools/``: command-line tools.
+"""
+from .precise_bn import update_bn_stats
+from .rewrite import (ConvBNReport, fuse_conv_bn, turn_off_fast_conv_bn_eval,
+                      turn_on_fast_conv_bn_eval)
+from .version import __version__, version_info
+
+__all__ = [
+    '__version__', 'version_info', 'turn_on_fast_conv_bn_eval',
+    'turn_off_fast_conv_bn_eval', 'fuse_conv_bn', 'ConvBNReport',
+    'update_bn_stats'
+]
