@@ -1,0 +1,118 @@
+# Copyright (c) mmtune contributors. All rights reserved.
+"""Folding an eval-mode BatchNorm into the convolution before it.
+
+An eval-mode BN computes ``y = gamma * (z - mean) / sqrt(var + eps) + beta``
+per output channel. With ``z = conv(x, w) + b`` and
+``s = gamma / sqrt(var + eps)`` this is ``conv(x, w * s) + beta + s * (b -
+mean)``: the same values, computed with one convolution. Done at every
+forward with autograd watching ("tune mode"), gradients reach ``w``, ``b``,
+``gamma`` and ``beta`` exactly as in eval mode, but autograd no longer keeps
+the conv output ``z`` for the BN's backward. Done once under ``no_grad``
+("deploy mode"), it removes the BN for inference.
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_CONV_TRANSPOSE_FNS = {
+    1: F.conv_transpose1d,
+    2: F.conv_transpose2d,
+    3: F.conv_transpose3d,
+}
+
+
+def bn_inv_std(running_var: Tensor, eps: float) -> Tensor:
+    """``1 / sqrt(running_var + eps)``, the BN's per-channel inverse std."""
+    return torch.rsqrt(running_var + eps)
+
+
+def _scale_out_channels(weight: Tensor, scale: Tensor, transposed: bool,
+                        groups: int) -> Tensor:
+    """Multiply each output channel of a conv weight by ``scale``.
+
+    A convolution's weight is ``(out, in / groups, *kernel)``; a transposed
+    convolution's is ``(in, out / groups, *kernel)``, its output channels
+    being grouped along dimension 1.
+    """
+    kernel_dims = weight.dim() - 2
+    if not transposed:
+        return weight * scale.reshape((-1, ) + (1, ) * (kernel_dims + 1))
+    in_channels, out_per_group = weight.shape[:2]
+    grouped = weight.reshape((groups, in_channels // groups, out_per_group) +
+                             tuple(weight.shape[2:]))
+    grouped = grouped * scale.reshape((groups, 1, out_per_group) +
+                                      (1, ) * kernel_dims)
+    return grouped.reshape(weight.shape)
+
+
+def fold_conv_bn(conv_weight: Tensor,
+                 conv_bias: Optional[Tensor],
+                 running_mean: Tensor,
+                 running_var: Tensor,
+                 bn_weight: Optional[Tensor],
+                 bn_bias: Optional[Tensor],
+                 eps: float,
+                 transposed: bool = False,
+                 groups: int = 1,
+                 inv_std: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Fold an eval-mode BN into a conv's weight and bias.
+
+    Differentiable in every input: call it under autograd for tune mode and
+    under ``torch.no_grad()`` for deploy mode.
+
+    Args:
+        conv_weight (Tensor): The conv weight.
+        conv_bias (Tensor, optional): The conv bias, or None.
+        running_mean (Tensor): The BN running mean, shape ``(C_out, )``.
+        running_var (Tensor): The BN running variance, shape ``(C_out, )``.
+        bn_weight (Tensor, optional): ``gamma``, or None (no affine).
+        bn_bias (Tensor, optional): ``beta``, or None (no affine).
+        eps (float): The BN epsilon.
+        transposed (bool): Whether the weight is a transposed conv's.
+            Defaults to False.
+        groups (int): The conv groups (used for transposed convs).
+            Defaults to 1.
+        inv_std (Tensor, optional): ``bn_inv_std(running_var, eps)`` when
+            the caller has it already. Defaults to None.
+
+    Returns:
+        tuple[Tensor, Tensor]: The folded weight and bias, in the conv
+        weight's dtype.
+    """
+    if inv_std is None:
+        inv_std = bn_inv_std(running_var, eps)
+    scale = inv_std if bn_weight is None else bn_weight * inv_std
+    weight = _scale_out_channels(conv_weight, scale, transposed, groups)
+    if conv_bias is None:
+        shift = running_mean.neg()
+    else:
+        shift = conv_bias - running_mean
+    if bn_bias is None:
+        bias = scale * shift
+    else:
+        bias = torch.addcmul(bn_bias, scale, shift)
+    dtype = conv_weight.dtype
+    return weight.to(dtype), bias.to(dtype)
+
+
+def conv_forward_with(conv: nn.modules.conv._ConvNd,
+                      x: Tensor,
+                      weight: Tensor,
+                      bias: Optional[Tensor],
+                      output_size: Optional[Sequence[int]] = None) -> Tensor:
+    """Run ``conv``'s own computation on ``x`` with another weight and bias.
+
+    Padding modes, strides, dilation and groups are the module's; for a
+    transposed conv ``output_size`` is honoured as in its ``forward``.
+    """
+    if not conv.transposed:
+        return conv._conv_forward(x, weight, bias)
+    num_spatial_dims = weight.dim() - 2
+    output_padding = conv._output_padding(x, output_size, conv.stride,
+                                          conv.padding, conv.kernel_size,
+                                          num_spatial_dims, conv.dilation)
+    fn = _CONV_TRANSPOSE_FNS[num_spatial_dims]
+    return fn(x, weight, bias, conv.stride, conv.padding, output_padding,
+              conv.groups, conv.dilation)

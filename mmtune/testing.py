@@ -1,0 +1,160 @@
+# Copyright (c) mmtune contributors. All rights reserved.
+"""Helpers to check tune mode against eval mode (torch only).
+
+Used by mmtune's tests and by ``tools/analysis_tools/
+check_fast_conv_bn_eval.py``; usable on any model.
+"""
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+
+@torch.no_grad()
+def randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    """Give every BN non-trivial running statistics and affine values.
+
+    With default statistics (mean 0, var 1, gamma 1, beta 0) almost any
+    folding bug goes unnoticed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if not isinstance(module, _BatchNorm):
+            continue
+        n = module.num_features
+        if module.running_mean is not None:
+            module.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+            module.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + .5)
+        if module.weight is not None:
+            module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+            module.bias.copy_(torch.randn(n, generator=gen) * 0.5)
+
+
+def find_conv_bn_pairs_at_runtime(model: nn.Module, *args,
+                                  **kwargs) -> List[Tuple[str, str]]:
+    """Run ``model(*args, **kwargs)`` and list the ``(conv, bn)`` pairs
+    where a BN received exactly the tensor that a conv returned.
+
+    Returns:
+        list[tuple[str, str]]: Qualified names, in call order.
+    """
+    produced: Dict[int, Tuple[str, Tensor]] = {}
+    pairs: List[Tuple[str, str]] = []
+    handles = []
+
+    def conv_hook(name):
+
+        def hook(module, inputs, output):
+            if isinstance(output, Tensor):
+                produced[id(output)] = (name, output)
+
+        return hook
+
+    def bn_hook(name):
+
+        def hook(module, inputs):
+            if inputs and isinstance(inputs[0], Tensor):
+                found = produced.get(id(inputs[0]))
+                if found is not None and found[1] is inputs[0]:
+                    pairs.append((found[0], name))
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, _ConvNd):
+            handles.append(module.register_forward_hook(conv_hook(name)))
+        elif isinstance(module, _BatchNorm):
+            handles.append(module.register_forward_pre_hook(bn_hook(name)))
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return pairs
+
+
+def _flatten(out: Any) -> List[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in _flatten(item)]
+    return []
+
+
+def forward_backward(model: nn.Module,
+                     inputs: Sequence[Tensor],
+                     loss_fn: Optional[Callable] = None
+                     ) -> Tuple[List[Tensor], Dict[str, Tensor], List]:
+    """Outputs, parameter gradients and input gradients of one pass.
+
+    The loss is the sum of ``(out * w).sum()`` over all outputs with fixed
+    pseudo-random weights ``w``, so every output element matters.
+    """
+    model.zero_grad(set_to_none=True)
+    inputs = [x.detach().clone().requires_grad_(x.is_floating_point())
+              for x in inputs]
+    outs = _flatten(model(*inputs))
+    if loss_fn is None:
+        loss = sum((o.float() * _probe_like(o)).sum() for o in outs
+                   if o.is_floating_point())
+    else:
+        loss = loss_fn(outs)
+    loss.backward()
+    grads = {
+        name: p.grad.detach().clone()
+        for name, p in model.named_parameters() if p.grad is not None
+    }
+    input_grads = [x.grad for x in inputs]
+    return [o.detach() for o in outs], grads, input_grads
+
+
+def _probe_like(t: Tensor) -> Tensor:
+    gen = torch.Generator().manual_seed(t.numel() % 9973)
+    return torch.randn(t.shape, generator=gen).to(t.device, torch.float32)
+
+
+def max_relative_error(a: Tensor, b: Tensor) -> float:
+    """``max|a - b| / max(max|b|, tiny)`` in float64."""
+    a, b = a.double(), b.double()
+    scale = b.abs().max().clamp_min(1e-12)
+    return ((a - b).abs().max() / scale).item()
+
+
+def compare_models(reference: nn.Module,
+                   candidate: nn.Module,
+                   inputs: Sequence[Tensor],
+                   rtol: float,
+                   loss_fn: Optional[Callable] = None) -> List[str]:
+    """Compare outputs, all parameter gradients and input gradients.
+
+    Returns:
+        list[str]: One line per mismatch (empty when all agree).
+    """
+    out_a, grads_a, in_a = forward_backward(reference, inputs, loss_fn)
+    out_b, grads_b, in_b = forward_backward(candidate, inputs, loss_fn)
+    problems = []
+    if len(out_a) != len(out_b):
+        return [f'{len(out_a)} outputs vs {len(out_b)}']
+    for i, (a, b) in enumerate(zip(out_a, out_b)):
+        err = max_relative_error(b, a)
+        if err > rtol:
+            problems.append(f'output {i}: relative error {err:.2e}')
+    if set(grads_a) != set(grads_b):
+        problems.append('different parameters got gradients: '
+                        f'{sorted(set(grads_a) ^ set(grads_b))}')
+    for name in sorted(set(grads_a) & set(grads_b)):
+        err = max_relative_error(grads_b[name], grads_a[name])
+        if err > rtol:
+            problems.append(f'grad of {name}: relative error {err:.2e}')
+    for i, (a, b) in enumerate(zip(in_a, in_b)):
+        if a is not None and b is not None:
+            err = max_relative_error(b, a)
+            if err > rtol:
+                problems.append(f'grad of input {i}: relative error '
+                                f'{err:.2e}')
+    return problems

@@ -1,0 +1,191 @@
+# Copyright (c) mmtune contributors. All rights reserved.
+"""Tune mode equals eval mode: outputs, every gradient, an optimizer step
+and a second forward, over conv types, bias, affine, groups, padding modes,
+transposed convs and autocast; plus run-time train/eval switches."""
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from mmtune import turn_off_fast_conv_bn_eval, turn_on_fast_conv_bn_eval
+from mmtune.testing import compare_models, randomize_bn
+
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+TCONVS = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+BNS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+class ConvBNAct(nn.Module):
+
+    def __init__(self, dim, bias, affine, groups, padding_mode, transposed):
+        super().__init__()
+        if transposed:
+            self.conv = TCONVS[dim](
+                4, 6, 3, stride=2, padding=1, groups=groups, bias=bias)
+        else:
+            self.conv = CONVS[dim](
+                4,
+                6,
+                3,
+                padding=1,
+                groups=groups,
+                bias=bias,
+                padding_mode=padding_mode)
+        self.bn = BNS[dim](6, affine=affine)
+        self.head = CONVS[dim](6, 3, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+def _cases():
+    for dim, bias, affine, groups, transposed in itertools.product(
+        (1, 2, 3), (True, False), (True, False), (1, 2), (False, True)):
+        modes = ('zeros', ) if transposed else ('zeros', 'reflect',
+                                                'circular')
+        for padding_mode in modes:
+            yield dim, bias, affine, groups, padding_mode, transposed
+
+
+CASES = list(_cases())
+
+
+def _build(case, seed=0):
+    torch.manual_seed(seed)
+    model = ConvBNAct(*case)
+    randomize_bn(model, seed)
+    with torch.no_grad():
+        if model.conv.bias is not None:
+            model.conv.bias.normal_()
+    return model
+
+
+def _input(dim, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((2, 4) + (5, ) * dim, generator=gen)
+
+
+def _step(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    'case', CASES, ids=['-'.join(map(str, c)) for c in CASES])
+def test_forward_backward_step_matches_eval(case):
+    ref = _build(case).eval()
+    tuned = copy.deepcopy(ref)
+    report = turn_on_fast_conv_bn_eval(tuned)
+    assert report.converted == [('conv', 'bn')], str(report)
+    x = [_input(case[0])]
+    assert compare_models(ref, tuned, x, rtol=1e-5) == []
+    _step(ref)
+    _step(tuned)
+    # second forward after an optimizer step (weights changed in place)
+    assert compare_models(ref, tuned, x, rtol=1e-5) == []
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('dim', [1, 2])
+def test_autocast_matches_eval(dim, dtype):
+    case = (dim, True, True, 1, 'zeros', False)
+    ref = _build(case).eval()
+    tuned = copy.deepcopy(ref)
+    turn_on_fast_conv_bn_eval(tuned)
+    x = [_input(dim)]
+    if dtype == torch.float16 and not _cpu_autocast_supports(dtype):
+        pytest.skip('this torch has no float16 CPU autocast')
+    with torch.autocast('cpu', dtype=dtype):
+        # low-precision rounding differs between one conv and conv+BN
+        assert compare_models(ref, tuned, x, rtol=3e-2) == []
+
+
+def _cpu_autocast_supports(dtype):
+    try:
+        with torch.autocast('cpu', dtype=dtype):
+            return True
+    except (RuntimeError, AssertionError):
+        return False
+
+
+def test_train_eval_switches_at_run_time():
+    case = (2, False, True, 1, 'zeros', False)
+    ref = _build(case)
+    tuned = copy.deepcopy(ref)
+    turn_on_fast_conv_bn_eval(tuned)  # turned on in train mode
+    x = [_input(2)]
+    for mode in (True, False, True, False):
+        ref.train(mode)
+        tuned.train(mode)
+        assert compare_models(ref, tuned, x, rtol=1e-5) == [], mode
+        # in train mode the BN updates its running statistics as usual
+        torch.testing.assert_close(tuned.bn.running_mean,
+                                   ref.bn.running_mean)
+        torch.testing.assert_close(tuned.bn.running_var, ref.bn.running_var)
+        assert tuned.bn.num_batches_tracked == ref.bn.num_batches_tracked
+    # only the BN switched back to train mode (norm_eval style, inverted)
+    ref.eval()
+    tuned.eval()
+    ref.bn.train()
+    tuned.bn.train()
+    assert compare_models(ref, tuned, x, rtol=1e-5) == []
+
+
+def test_conv_output_not_kept_for_backward():
+    """The point of tune mode: autograd no longer saves the conv output."""
+    case = (2, False, True, 1, 'zeros', False)
+    model = _build(case).eval()
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+
+    def saved_activations(m):
+        """Distinct saved tensors of the conv output's size."""
+        saved = {}
+
+        def pack(t):
+            if t.shape == (2, 6, 16, 16):
+                saved[t.data_ptr()] = t
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(x).sum()
+        return len(saved)
+
+    eval_count = saved_activations(model)
+    turn_on_fast_conv_bn_eval(model)
+    # eval mode keeps the conv output (for the BN) and the ReLU output;
+    # tune mode only the ReLU output
+    assert saved_activations(model) == eval_count - 1
+
+
+def test_turn_off_restores_original_behaviour():
+    case = (2, True, True, 1, 'zeros', False)
+    ref = _build(case).eval()
+    tuned = copy.deepcopy(ref)
+    turn_on_fast_conv_bn_eval(tuned)
+    assert 'forward' in tuned.conv.__dict__
+    assert turn_off_fast_conv_bn_eval(tuned) == 2
+    assert 'forward' not in tuned.conv.__dict__
+    assert 'forward' not in tuned.bn.__dict__
+    x = [_input(2)]
+    assert compare_models(ref, tuned, x, rtol=0) == []
+
+
+def test_no_grad_cache_follows_weight_changes():
+    case = (2, True, True, 1, 'zeros', False)
+    ref = _build(case).eval()
+    tuned = copy.deepcopy(ref)
+    turn_on_fast_conv_bn_eval(tuned)
+    x = _input(2)
+    for _ in range(2):
+        with torch.no_grad():
+            torch.testing.assert_close(tuned(x), ref(x))
+            for model in (ref, tuned):
+                model.conv.weight.mul_(1.5)
+                model.bn.running_var.add_(0.25)
+                model.bn.weight.add_(0.1)
+    ref.bn.running_mean = torch.randn(6)
+    tuned.bn.running_mean = ref.bn.running_mean.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(x), ref(x))
