@@ -4,6 +4,7 @@
 Used by mmtune's tests and by ``tools/analysis_tools/
 check_fast_conv_bn_eval.py``; usable on any model.
 """
+
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -26,14 +27,15 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> None:
         n = module.num_features
         if module.running_mean is not None:
             module.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-            module.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + .5)
+            module.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
         if module.weight is not None:
             module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
             module.bias.copy_(torch.randn(n, generator=gen) * 0.5)
 
 
-def find_conv_bn_pairs_at_runtime(model: nn.Module, *args,
-                                  **kwargs) -> List[Tuple[str, str]]:
+def find_conv_bn_pairs_at_runtime(
+    model: nn.Module, *args, **kwargs
+) -> List[Tuple[str, str]]:
     """Run ``model(*args, **kwargs)`` and list the ``(conv, bn)`` pairs
     where a BN received exactly the tensor that a conv returned.
 
@@ -45,7 +47,6 @@ def find_conv_bn_pairs_at_runtime(model: nn.Module, *args,
     handles = []
 
     def conv_hook(name):
-
         def hook(module, inputs, output):
             if isinstance(output, Tensor):
                 produced[id(output)] = (name, output)
@@ -53,7 +54,6 @@ def find_conv_bn_pairs_at_runtime(model: nn.Module, *args,
         return hook
 
     def bn_hook(name):
-
         def hook(module, inputs):
             if inputs and isinstance(inputs[0], Tensor):
                 found = produced.get(id(inputs[0]))
@@ -86,28 +86,35 @@ def _flatten(out: Any) -> List[Tensor]:
     return []
 
 
-def forward_backward(model: nn.Module,
-                     inputs: Sequence[Tensor],
-                     loss_fn: Optional[Callable] = None
-                     ) -> Tuple[List[Tensor], Dict[str, Tensor], List]:
+def forward_backward(
+    model: nn.Module,
+    inputs: Sequence[Tensor],
+    loss_fn: Optional[Callable] = None,
+) -> Tuple[List[Tensor], Dict[str, Tensor], List]:
     """Outputs, parameter gradients and input gradients of one pass.
 
     The loss is the sum of ``(out * w).sum()`` over all outputs with fixed
     pseudo-random weights ``w``, so every output element matters.
     """
     model.zero_grad(set_to_none=True)
-    inputs = [x.detach().clone().requires_grad_(x.is_floating_point())
-              for x in inputs]
+    inputs = [
+        x.detach().clone().requires_grad_(x.is_floating_point())
+        for x in inputs
+    ]
     outs = _flatten(model(*inputs))
     if loss_fn is None:
-        loss = sum((o.float() * _probe_like(o)).sum() for o in outs
-                   if o.is_floating_point())
+        loss = sum(
+            (o.float() * _probe_like(o)).sum()
+            for o in outs
+            if o.is_floating_point()
+        )
     else:
         loss = loss_fn(outs)
     loss.backward()
     grads = {
         name: p.grad.detach().clone()
-        for name, p in model.named_parameters() if p.grad is not None
+        for name, p in model.named_parameters()
+        if p.grad is not None
     }
     input_grads = [x.grad for x in inputs]
     return [o.detach() for o in outs], grads, input_grads
@@ -125,11 +132,13 @@ def max_relative_error(a: Tensor, b: Tensor) -> float:
     return ((a - b).abs().max() / scale).item()
 
 
-def compare_models(reference: nn.Module,
-                   candidate: nn.Module,
-                   inputs: Sequence[Tensor],
-                   rtol: float,
-                   loss_fn: Optional[Callable] = None) -> List[str]:
+def compare_models(
+    reference: nn.Module,
+    candidate: nn.Module,
+    inputs: Sequence[Tensor],
+    rtol: float,
+    loss_fn: Optional[Callable] = None,
+) -> List[str]:
     """Compare outputs, all parameter gradients and input gradients.
 
     Returns:
@@ -145,8 +154,10 @@ def compare_models(reference: nn.Module,
         if err > rtol:
             problems.append(f'output {i}: relative error {err:.2e}')
     if set(grads_a) != set(grads_b):
-        problems.append('different parameters got gradients: '
-                        f'{sorted(set(grads_a) ^ set(grads_b))}')
+        problems.append(
+            'different parameters got gradients: '
+            f'{sorted(set(grads_a) ^ set(grads_b))}'
+        )
     for name in sorted(set(grads_a) & set(grads_b)):
         err = max_relative_error(grads_b[name], grads_a[name])
         if err > rtol:
@@ -155,6 +166,5 @@ def compare_models(reference: nn.Module,
         if a is not None and b is not None:
             err = max_relative_error(b, a)
             if err > rtol:
-                problems.append(f'grad of input {i}: relative error '
-                                f'{err:.2e}')
+                problems.append(f'grad of input {i}: relative error {err:.2e}')
     return problems

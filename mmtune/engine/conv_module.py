@@ -15,22 +15,35 @@ is a plain convolution (not a DCN, a weight-standardised or an adaptive-
 padding conv), re-checks the BN at every call, and never deletes a forward
 set on the conv instance.
 """
+
 from typing import Optional
 
 from mmcv.cnn import ConvModule
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmtune.rewrite.analysis import (bn_problem, conv_problem, hooks_problem,
-                                     instance_forward, is_mmtune_forward)
-from mmtune.rewrite.handlers import (FrameHandler, HandledFrame,
-                                     register_frame_handler)
-from mmtune.rewrite.tune_mode import FoldState, bn_uses_running_stats, \
-    hooks_free
+from mmtune.rewrite.analysis import (
+    bn_problem,
+    conv_problem,
+    hooks_problem,
+    instance_forward,
+    is_mmtune_forward,
+)
+from mmtune.rewrite.handlers import (
+    FrameHandler,
+    HandledFrame,
+    register_frame_handler,
+)
+from mmtune.rewrite.tune_mode import (
+    FoldState,
+    bn_uses_running_stats,
+    hooks_free,
+)
 
 
 class TuneConvModule:
     """The tune-mode forward of one ``ConvModule`` instance."""
+
     _mmtune_forward_owner = True
 
     def __init__(self, module: ConvModule):
@@ -46,18 +59,21 @@ class TuneConvModule:
     def _fold_now(self, norm: bool, index: int) -> bool:
         m = self.module
         order = m.order
-        return (norm and m.with_norm and index + 1 < len(order)
-                and order[index + 1] == 'norm'
-                and isinstance(m.norm, _BatchNorm)
-                and bn_uses_running_stats(m.norm)
-                and hooks_free(m.conv, m.norm)
-                and instance_forward(m.conv) is None
-                and instance_forward(m.norm) is None)
+        return (
+            norm
+            and m.with_norm
+            and index + 1 < len(order)
+            and order[index + 1] == 'norm'
+            and isinstance(m.norm, _BatchNorm)
+            and bn_uses_running_stats(m.norm)
+            and hooks_free(m.conv, m.norm)
+            and instance_forward(m.conv) is None
+            and instance_forward(m.norm) is None
+        )
 
-    def forward(self,
-                x: Tensor,
-                activate: bool = True,
-                norm: bool = True) -> Tensor:
+    def forward(
+        self, x: Tensor, activate: bool = True, norm: bool = True
+    ) -> Tensor:
         m = self.module
         order = m.order
         index = 0
@@ -95,25 +111,33 @@ class ConvModuleHandler(FrameHandler):
             callees.append('activate')
         if type(module).forward is not ConvModule.forward:
             return HandledFrame(
-                None, callees,
-                f'{type(module).__name__} overrides ConvModule.forward')
+                None,
+                callees,
+                f'{type(module).__name__} overrides ConvModule.forward',
+            )
         if not module.with_norm or not isinstance(module.norm, _BatchNorm):
             return HandledFrame(None, callees)
         order = list(module.order)
         pair = ('conv', module.norm_name)
         if order.index('norm') != order.index('conv') + 1:
-            return HandledFrame(None, callees,
-                                f'order {module.order} puts something '
-                                'between conv and norm')
+            return HandledFrame(
+                None,
+                callees,
+                f'order {module.order} puts something between conv and norm',
+            )
         fn = instance_forward(module)
         if fn is not None and not is_mmtune_forward(fn):
             return HandledFrame(
-                None, callees,
+                None,
+                callees,
                 'the ConvModule has a forward wrapper installed on the '
-                'instance')
+                'instance',
+            )
         reason: Optional[str] = (
-            conv_problem(module.conv) or bn_problem(module.norm)
-            or hooks_problem(module.conv, module.norm))
+            conv_problem(module.conv)
+            or bn_problem(module.norm)
+            or hooks_problem(module.conv, module.norm)
+        )
         if reason is not None:
             return HandledFrame(None, callees, reason)
         return HandledFrame(pair, callees)

@@ -10,6 +10,7 @@ forward with autograd watching ("tune mode"), gradients reach ``w``, ``b``,
 the conv output ``z`` for the BN's backward. Done once under ``no_grad``
 ("deploy mode"), it removes the BN for inference.
 """
+
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -28,8 +29,9 @@ def bn_inv_std(running_var: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(running_var + eps)
 
 
-def _scale_out_channels(weight: Tensor, scale: Tensor, transposed: bool,
-                        groups: int) -> Tensor:
+def _scale_out_channels(
+    weight: Tensor, scale: Tensor, transposed: bool, groups: int
+) -> Tensor:
     """Multiply each output channel of a conv weight by ``scale``.
 
     A convolution's weight is ``(out, in / groups, *kernel)``; a transposed
@@ -38,25 +40,30 @@ def _scale_out_channels(weight: Tensor, scale: Tensor, transposed: bool,
     """
     kernel_dims = weight.dim() - 2
     if not transposed:
-        return weight * scale.reshape((-1, ) + (1, ) * (kernel_dims + 1))
+        return weight * scale.reshape((-1,) + (1,) * (kernel_dims + 1))
     in_channels, out_per_group = weight.shape[:2]
-    grouped = weight.reshape((groups, in_channels // groups, out_per_group) +
-                             tuple(weight.shape[2:]))
-    grouped = grouped * scale.reshape((groups, 1, out_per_group) +
-                                      (1, ) * kernel_dims)
+    grouped = weight.reshape(
+        (groups, in_channels // groups, out_per_group)
+        + tuple(weight.shape[2:])
+    )
+    grouped = grouped * scale.reshape(
+        (groups, 1, out_per_group) + (1,) * kernel_dims
+    )
     return grouped.reshape(weight.shape)
 
 
-def fold_conv_bn(conv_weight: Tensor,
-                 conv_bias: Optional[Tensor],
-                 running_mean: Tensor,
-                 running_var: Tensor,
-                 bn_weight: Optional[Tensor],
-                 bn_bias: Optional[Tensor],
-                 eps: float,
-                 transposed: bool = False,
-                 groups: int = 1,
-                 inv_std: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def fold_conv_bn(
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    eps: float,
+    transposed: bool = False,
+    groups: int = 1,
+    inv_std: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
     """Fold an eval-mode BN into a conv's weight and bias.
 
     Differentiable in every input: call it under autograd for tune mode and
@@ -97,11 +104,13 @@ def fold_conv_bn(conv_weight: Tensor,
     return weight.to(dtype), bias.to(dtype)
 
 
-def conv_forward_with(conv: nn.modules.conv._ConvNd,
-                      x: Tensor,
-                      weight: Tensor,
-                      bias: Optional[Tensor],
-                      output_size: Optional[Sequence[int]] = None) -> Tensor:
+def conv_forward_with(
+    conv: nn.modules.conv._ConvNd,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    output_size: Optional[Sequence[int]] = None,
+) -> Tensor:
     """Run ``conv``'s own computation on ``x`` with another weight and bias.
 
     Padding modes, strides, dilation and groups are the module's; for a
@@ -110,9 +119,23 @@ def conv_forward_with(conv: nn.modules.conv._ConvNd,
     if not conv.transposed:
         return conv._conv_forward(x, weight, bias)
     num_spatial_dims = weight.dim() - 2
-    output_padding = conv._output_padding(x, output_size, conv.stride,
-                                          conv.padding, conv.kernel_size,
-                                          num_spatial_dims, conv.dilation)
+    output_padding = conv._output_padding(
+        x,
+        output_size,
+        conv.stride,
+        conv.padding,
+        conv.kernel_size,
+        num_spatial_dims,
+        conv.dilation,
+    )
     fn = _CONV_TRANSPOSE_FNS[num_spatial_dims]
-    return fn(x, weight, bias, conv.stride, conv.padding, output_padding,
-              conv.groups, conv.dilation)
+    return fn(
+        x,
+        weight,
+        bias,
+        conv.stride,
+        conv.padding,
+        output_padding,
+        conv.groups,
+        conv.dilation,
+    )

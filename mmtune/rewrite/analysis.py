@@ -13,12 +13,21 @@ else, the BN gets nothing else, and neither module is called from any other
 place. A frame that cannot be traced loses only the pairs it calls directly;
 its children are frames of their own.
 """
+
 import contextlib
 import types
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import (Callable, Dict, FrozenSet, List, Optional, Sequence,
-                    Set, Tuple)
+from typing import (
+    Callable,
+    Dict,
+    FrozenSet,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 import torch
 import torch.fx as fx
@@ -35,12 +44,17 @@ MAX_PATHS_PER_FRAME = 64
 
 _PLAIN_CONV_FORWARDS = {
     cls.forward
-    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
-                nn.ConvTranspose2d, nn.ConvTranspose3d)
+    for cls in (
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+    )
 }
 _PLAIN_CONV_FORWARD_IMPLS = {
-    cls._conv_forward
-    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    cls._conv_forward for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 }
 _PLAIN_BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
 
@@ -62,10 +76,13 @@ def conv_problem(conv: nn.Module) -> Optional[str]:
         return f'{type(conv).__name__} is not a convolution'
     cls = type(conv)
     if cls.forward not in _PLAIN_CONV_FORWARDS or (
-            not conv.transposed
-            and cls._conv_forward not in _PLAIN_CONV_FORWARD_IMPLS):
-        return (f'the conv type {cls.__name__} has its own forward (e.g. '
-                'weight standardisation or adaptive padding)')
+        not conv.transposed
+        and cls._conv_forward not in _PLAIN_CONV_FORWARD_IMPLS
+    ):
+        return (
+            f'the conv type {cls.__name__} has its own forward (e.g. '
+            'weight standardisation or adaptive padding)'
+        )
     fn = instance_forward(conv)
     if fn is not None and not is_mmtune_forward(fn):
         return 'the conv has a forward wrapper installed on the instance'
@@ -91,11 +108,18 @@ def hooks_problem(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     Hooks on the conv would see the folded output; hooks on the BN its
     folded input.
     """
-    if conv._forward_hooks or conv._backward_hooks or getattr(
-            conv, '_backward_pre_hooks', None):
+    if (
+        conv._forward_hooks
+        or conv._backward_hooks
+        or getattr(conv, '_backward_pre_hooks', None)
+    ):
         return 'the conv has forward or backward hooks'
-    if (bn._forward_pre_hooks or bn._forward_hooks or bn._backward_hooks
-            or getattr(bn, '_backward_pre_hooks', None)):
+    if (
+        bn._forward_pre_hooks
+        or bn._forward_hooks
+        or bn._backward_hooks
+        or getattr(bn, '_backward_pre_hooks', None)
+    ):
         return 'the BN has forward or backward hooks'
     return None
 
@@ -114,8 +138,11 @@ def frame_codes(frame_cls: type) -> FrozenSet[types.CodeType]:
                 if current in codes:
                     continue
                 codes.add(current)
-                stack.extend(c for c in current.co_consts
-                             if isinstance(c, types.CodeType))
+                stack.extend(
+                    c
+                    for c in current.co_consts
+                    if isinstance(c, types.CodeType)
+                )
         fn = getattr(fn, '__wrapped__', None)
     return frozenset(codes)
 
@@ -144,21 +171,26 @@ class _FrameTracer(fx.Tracer):
         index = len(self.taken)
         if index >= 4 * MAX_PATHS_PER_FRAME:
             raise _TooManyPaths()
-        value = (self.decisions[index]
-                 if index < len(self.decisions) else False)
+        value = self.decisions[index] if index < len(self.decisions) else False
         self.taken.append(value)
         return value
 
     def iter(self, obj: fx.Proxy):
         raise fx.proxy.TraceError(
-            'iterating over a traced value (e.g. a tuple input)')
+            'iterating over a traced value (e.g. a tuple input)'
+        )
 
 
 def _checkpoint_inline(function, *args, **kwargs):
     """Stand-in for ``torch.utils.checkpoint.checkpoint`` while tracing:
     checkpointing changes memory, not dataflow."""
-    for key in ('use_reentrant', 'context_fn', 'determinism_check', 'debug',
-                'preserve_rng_state'):
+    for key in (
+        'use_reentrant',
+        'context_fn',
+        'determinism_check',
+        'debug',
+        'preserve_rng_state',
+    ):
         kwargs.pop(key, None)
     return function(*args, **kwargs)
 
@@ -198,6 +230,7 @@ def _first_line(exc: BaseException) -> str:
 @dataclass
 class Pair:
     """A conv and the BN it feeds, as found in one frame."""
+
     conv_name: str
     bn_name: str
     conv: nn.Module
@@ -211,6 +244,7 @@ class Pair:
 @dataclass
 class Analysis:
     """All that :func:`analyse` found."""
+
     pairs: List[Pair] = field(default_factory=list)
     skipped: List[SkipRecord] = field(default_factory=list)
 
@@ -223,11 +257,11 @@ class _Collector:
     """Gathers call sites and per-path verdicts over all frames."""
 
     def __init__(self):
-        # module qualname -> frames that call it
-        self.call_sites: Dict[str, Set[str]] = defaultdict(set)
+        # id(module) -> frames that call it (by identity: a module shared
+        # between two parents has two qualified names)
+        self.call_sites: Dict[int, Set[str]] = defaultdict(set)
         # bn qualname -> verdicts: ('pair', conv_name) or ('no', reason)
-        self.bn_verdicts: Dict[str, List[Tuple[str, str]]] = defaultdict(
-            list)
+        self.bn_verdicts: Dict[str, List[Tuple[str, str]]] = defaultdict(list)
         # conv qualname -> bn names it fed on each path (None: something
         # else)
         self.conv_users: Dict[str, List[Optional[str]]] = defaultdict(list)
@@ -239,7 +273,7 @@ class _Collector:
             if node.op == 'call_module':
                 calls[node.target] += 1
         for target in calls:
-            self.call_sites[_join(frame_name, target)].add(frame_name)
+            self.call_sites[id(frame.get_submodule(target))].add(frame_name)
         for node in graph.nodes:
             if node.op != 'call_module':
                 continue
@@ -247,24 +281,30 @@ class _Collector:
             name = _join(frame_name, node.target)
             if isinstance(module, _ConvNd):
                 bn_users = [
-                    user for user in node.users
-                    if user.op == 'call_module' and isinstance(
-                        frame.get_submodule(user.target), _BatchNorm)
+                    user
+                    for user in node.users
+                    if user.op == 'call_module'
+                    and isinstance(
+                        frame.get_submodule(user.target), _BatchNorm
+                    )
                 ]
                 if len(node.users) == 1 and len(bn_users) == 1:
                     self.conv_users[name].append(
-                        _join(frame_name, bn_users[0].target))
+                        _join(frame_name, bn_users[0].target)
+                    )
                 else:
                     self.conv_users[name].append(None)
             if not isinstance(module, _BatchNorm):
                 continue
             self.bn_frame[name] = frame_name
             self.bn_verdicts[name].append(
-                self._verdict(node, frame, frame_name, calls))
+                self._verdict(node, frame, frame_name, calls)
+            )
 
     @staticmethod
-    def _verdict(node: fx.Node, frame: nn.Module, frame_name: str,
-                 calls: Dict[str, int]) -> Tuple[str, str]:
+    def _verdict(
+        node: fx.Node, frame: nn.Module, frame_name: str, calls: Dict[str, int]
+    ) -> Tuple[str, str]:
         if calls[node.target] > 1:
             return ('no', 'the BN is applied more than once')
         if len(node.args) != 1 or node.kwargs:
@@ -274,19 +314,28 @@ class _Collector:
             return ('no', 'the BN input is not a conv output')
         conv = frame.get_submodule(src.target)
         if not isinstance(conv, _ConvNd):
-            return ('no', 'the BN input is not a conv output '
-                    f'(it comes from {type(conv).__name__})')
+            return (
+                'no',
+                'the BN input is not a conv output '
+                f'(it comes from {type(conv).__name__})',
+            )
         conv_name = _join(frame_name, src.target)
         if len(src.users) != 1:
-            return ('no', f'the output of conv {conv_name} is used by '
-                    f'{len(src.users)} consumers')
+            return (
+                'no',
+                f'the output of conv {conv_name} is used by '
+                f'{len(src.users)} consumers',
+            )
         if calls[src.target] > 1:
             return ('no', f'conv {conv_name} is called at several places')
         return ('pair', conv_name)
 
-    def add_handled(self, frame_name: str, callees: Sequence[str]):
+    def add_handled(
+        self, frame: nn.Module, frame_name: str, callees: Sequence[str]
+    ):
         for callee in callees:
-            self.call_sites[_join(frame_name, callee)].add(frame_name)
+            module = frame.get_submodule(callee)
+            self.call_sites[id(module)].add(frame_name)
 
 
 def _frames(root: nn.Module, prefix: str):
@@ -338,13 +387,14 @@ def analyse(model: nn.Module, roots: Sequence[str]) -> Analysis:
                 handler = get_frame_handler(frame)
                 if handler is not None:
                     found = handler.find_pair(frame)
-                    collector.add_handled(name, found.callees)
+                    collector.add_handled(frame, name, found.callees)
                     handled[name] = (frame, handler, found)
                     continue
                 fn = instance_forward(frame)
                 if fn is not None and not is_mmtune_forward(fn):
-                    failed_frames[name] = ('it has a forward wrapper '
-                                           'installed on the instance')
+                    failed_frames[name] = (
+                        'it has a forward wrapper installed on the instance'
+                    )
                     continue
                 graphs = []
                 try:
@@ -354,7 +404,8 @@ def analyse(model: nn.Module, roots: Sequence[str]) -> Analysis:
                 except _TooManyPaths:
                     failed_frames[name] = (
                         'its forward has more than '
-                        f'{MAX_PATHS_PER_FRAME} data-dependent branches')
+                        f'{MAX_PATHS_PER_FRAME} data-dependent branches'
+                    )
                     continue
                 except Exception as exc:  # noqa: BLE001 (any trace failure)
                     failed_frames[name] = (
@@ -375,17 +426,27 @@ def analyse(model: nn.Module, roots: Sequence[str]) -> Analysis:
         if found.pair is None:
             if found.reason is not None:
                 result.skipped.append(
-                    SkipRecord(tuple(names) or (frame_name, ), found.reason))
+                    SkipRecord(tuple(names) or (frame_name,), found.reason)
+                )
             decided.update(names)
             continue
         conv_name, bn_name = (_join(frame_name, n) for n in found.pair)
         decided.update((conv_name, bn_name))
-        reason = (_sites_problem(collector, conv_name, bn_name)
-                  or _modules_problem(modules[conv_name], modules[bn_name]))
+        reason = _sites_problem(
+            collector, modules, conv_name, bn_name
+        ) or _modules_problem(modules[conv_name], modules[bn_name])
         if reason is None:
             result.pairs.append(
-                Pair(conv_name, bn_name, modules[conv_name],
-                     modules[bn_name], frame_name, frame, handler))
+                Pair(
+                    conv_name,
+                    bn_name,
+                    modules[conv_name],
+                    modules[bn_name],
+                    frame_name,
+                    frame,
+                    handler,
+                )
+            )
         else:
             result.skipped.append(SkipRecord((conv_name, bn_name), reason))
 
@@ -396,23 +457,28 @@ def analyse(model: nn.Module, roots: Sequence[str]) -> Analysis:
         reasons = [why for kind, why in verdicts if kind == 'no']
         convs = {why for kind, why in verdicts if kind == 'pair'}
         if reasons:
-            result.skipped.append(SkipRecord((bn_name, ), reasons[0]))
+            result.skipped.append(SkipRecord((bn_name,), reasons[0]))
             continue
         if len(convs) != 1:
             result.skipped.append(
-                SkipRecord((bn_name, ),
-                           'the BN input comes from different convs on '
-                           'different paths'))
+                SkipRecord(
+                    (bn_name,),
+                    'the BN input comes from different convs on '
+                    'different paths',
+                )
+            )
             continue
         conv_name = convs.pop()
         decided.add(conv_name)
         if any(user != bn_name for user in collector.conv_users[conv_name]):
             result.skipped.append(
-                SkipRecord((conv_name, bn_name),
-                           'on some path the conv output is not used only '
-                           'by the BN'))
+                SkipRecord(
+                    (conv_name, bn_name),
+                    'on some path the conv output is not used only by the BN',
+                )
+            )
             continue
-        reason = _sites_problem(collector, conv_name, bn_name)
+        reason = _sites_problem(collector, modules, conv_name, bn_name)
         frame_name = collector.bn_frame[bn_name]
         if reason is None:
             reason = _modules_problem(modules[conv_name], modules[bn_name])
@@ -420,8 +486,15 @@ def analyse(model: nn.Module, roots: Sequence[str]) -> Analysis:
             result.skipped.append(SkipRecord((conv_name, bn_name), reason))
             continue
         result.pairs.append(
-            Pair(conv_name, bn_name, modules[conv_name], modules[bn_name],
-                 frame_name, frame_of[frame_name][0]))
+            Pair(
+                conv_name,
+                bn_name,
+                modules[conv_name],
+                modules[bn_name],
+                frame_name,
+                frame_of[frame_name][0],
+            )
+        )
 
     # BNs that no traced frame called.
     for root_name in roots:
@@ -432,18 +505,24 @@ def analyse(model: nn.Module, roots: Sequence[str]) -> Analysis:
             decided.add(name)
             owner = _nearest_failed(name, failed_frames)
             if owner is not None:
-                reason = (f'it is called by {owner or "the model"}, where '
-                          f'{failed_frames[owner]}')
+                reason = (
+                    f'it is called by {owner or "the model"}, where '
+                    f'{failed_frames[owner]}'
+                )
             else:
                 reason = 'no traced forward calls the BN'
-            result.skipped.append(SkipRecord((name, ), reason))
+            result.skipped.append(SkipRecord((name,), reason))
     return result
 
 
-def _sites_problem(collector: _Collector, conv_name: str,
-                   bn_name: str) -> Optional[str]:
+def _sites_problem(
+    collector: _Collector,
+    modules: Dict[str, nn.Module],
+    conv_name: str,
+    bn_name: str,
+) -> Optional[str]:
     for name in (conv_name, bn_name):
-        sites = collector.call_sites.get(name, set())
+        sites = collector.call_sites.get(id(modules[name]), set())
         if len(sites) > 1:
             where = ', '.join(sorted(s or '<model>' for s in sites))
             return f'{name} is called from several places ({where})'
@@ -453,8 +532,10 @@ def _sites_problem(collector: _Collector, conv_name: str,
 def _modules_problem(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     reason = conv_problem(conv) or bn_problem(bn) or hooks_problem(conv, bn)
     if reason is None and _out_channels(conv) != bn.num_features:
-        reason = (f'the conv has {_out_channels(conv)} output channels but '
-                  f'the BN {bn.num_features} features')
+        reason = (
+            f'the conv has {_out_channels(conv)} output channels but '
+            f'the BN {bn.num_features} features'
+        )
     return reason
 
 
@@ -469,5 +550,3 @@ def _nearest_failed(name: str, failed: Dict[str, str]) -> Optional[str]:
         if candidate in failed:
             return candidate
     return None
-
-

@@ -1,5 +1,6 @@
 # Copyright (c) mmtune contributors. All rights reserved.
 """Deploy mode: fold each BN into its conv once, for inference."""
+
 import time
 
 import torch
@@ -43,13 +44,22 @@ def fuse_conv_bn(model: nn.Module, modules=None) -> ConvBNReport:
     report = ConvBNReport(mode='deploy', skipped=list(analysis.skipped))
     for pair in analysis.pairs:
         conv, bn = pair.conv, pair.bn
-        weight, bias = fold_conv_bn(conv.weight, conv.bias, bn.running_mean,
-                                    bn.running_var, bn.weight, bn.bias,
-                                    bn.eps, conv.transposed, conv.groups)
+        weight, bias = fold_conv_bn(
+            conv.weight,
+            conv.bias,
+            bn.running_mean,
+            bn.running_var,
+            bn.weight,
+            bn.bias,
+            bn.eps,
+            conv.transposed,
+            conv.groups,
+        )
         conv.weight.copy_(weight)
         if conv.bias is None:
             conv.bias = nn.Parameter(
-                bias, requires_grad=conv.weight.requires_grad)
+                bias, requires_grad=conv.weight.requires_grad
+            )
         else:
             conv.bias.copy_(bias)
         _replace_module(model, pair.bn_name, nn.Identity())

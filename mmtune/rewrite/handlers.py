@@ -8,6 +8,7 @@ handlers; they are loaded the first time a model is analysed after the
 library that defines the type has been imported, so ``import mmtune`` stays
 free of mmcv.
 """
+
 import importlib
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class HandledFrame:
         reason (str, optional): Why there is no pair, when it is worth
             reporting.
     """
+
     pair: Optional[Tuple[str, str]]
     callees: Sequence[str]
     reason: Optional[str] = None

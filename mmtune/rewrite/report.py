@@ -1,5 +1,6 @@
 # Copyright (c) mmtune contributors. All rights reserved.
 """What a rewrite did: the pairs it converted and what it left alone."""
+
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
@@ -13,6 +14,7 @@ class SkipRecord:
             relative to the model (``''`` is the model itself).
         reason (str): Why, in plain words.
     """
+
     modules: Tuple[str, ...]
     reason: str
 
@@ -35,6 +37,7 @@ class ConvBNReport:
             before this call (they are not converted twice).
         seconds (float): Time the analysis and rewrite took.
     """
+
     mode: str = 'tune'
     converted: List[Tuple[str, str]] = field(default_factory=list)
     skipped: List[SkipRecord] = field(default_factory=list)
@@ -44,7 +47,7 @@ class ConvBNReport:
     def __str__(self) -> str:
         title = {
             'tune': 'tune mode (fast_conv_bn_eval)',
-            'deploy': 'deploy mode (conv+BN folded)'
+            'deploy': 'deploy mode (conv+BN folded)',
         }.get(self.mode, self.mode)
         lines = [
             f'mmtune {title}: {len(self.converted)} Conv+BN pairs converted'

@@ -16,6 +16,7 @@ are untouched). At every call the conv decides:
 A BN that receives anything other than the handed-over tensor computes as
 usual; the pair then stops folding and warns, since its analysis was wrong.
 """
+
 import sys
 import time
 import warnings
@@ -26,19 +27,34 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 
 from ..ops import bn_inv_std, conv_forward_with, fold_conv_bn
-from .analysis import (Analysis, Pair, analyse, frame_codes,
-                       instance_forward, is_mmtune_forward)
+from .analysis import (
+    Analysis,
+    Pair,
+    analyse,
+    frame_codes,
+    instance_forward,
+    is_mmtune_forward,
+)
 from .report import ConvBNReport, SkipRecord
 
 _CALL_IMPL_CODES = frozenset(
-    fn.__code__ for fn in (nn.Module._call_impl,
-                           getattr(nn.Module, '_wrapped_call_impl', None))
-    if fn is not None)
+    fn.__code__
+    for fn in (
+        nn.Module._call_impl,
+        getattr(nn.Module, '_wrapped_call_impl', None),
+    )
+    if fn is not None
+)
 _GLOBAL_HOOK_DICTS = tuple(
     getattr(_module_mod, name)
-    for name in ('_global_forward_hooks', '_global_forward_pre_hooks',
-                 '_global_backward_hooks', '_global_backward_pre_hooks')
-    if hasattr(_module_mod, name))
+    for name in (
+        '_global_forward_hooks',
+        '_global_forward_pre_hooks',
+        '_global_backward_hooks',
+        '_global_backward_pre_hooks',
+    )
+    if hasattr(_module_mod, name)
+)
 
 
 def _compiling() -> bool:
@@ -48,14 +64,22 @@ def _compiling() -> bool:
 
 def bn_uses_running_stats(bn: nn.Module) -> bool:
     """Whether ``bn`` normalises with its running statistics right now."""
-    return (not bn.training and bn.running_mean is not None
-            and bn.running_var is not None)
+    return (
+        not bn.training
+        and bn.running_mean is not None
+        and bn.running_var is not None
+    )
 
 
 def hooks_free(conv: nn.Module, bn: nn.Module) -> bool:
     """No hook, on the modules or global, would see the folded tensors."""
-    if (conv._forward_hooks or conv._backward_hooks or bn._forward_pre_hooks
-            or bn._forward_hooks or bn._backward_hooks):
+    if (
+        conv._forward_hooks
+        or conv._backward_hooks
+        or bn._forward_pre_hooks
+        or bn._forward_hooks
+        or bn._backward_hooks
+    ):
         return False
     return not any(_GLOBAL_HOOK_DICTS)
 
@@ -66,6 +90,7 @@ class _Stamp:
     Holding an alias keeps the storage alive, so an equal ``data_ptr`` means
     the same storage, and the shared version counter tells in-place writes.
     """
+
     __slots__ = ('aliases', 'keys')
 
     def __init__(self, tensors: Sequence[Optional[Tensor]]):
@@ -73,8 +98,7 @@ class _Stamp:
         self.keys = [_key(t) for t in tensors]
 
     def matches(self, tensors: Sequence[Optional[Tensor]]) -> bool:
-        return all(
-            key == _key(t) for key, t in zip(self.keys, tensors))
+        return all(key == _key(t) for key, t in zip(self.keys, tensors))
 
 
 def _key(t: Optional[Tensor]):
@@ -104,8 +128,11 @@ class FoldState:
         # BN kernels update running_var in place without bumping its version
         # counter; num_batches_tracked.add_(1) in the same forward does.
         stats = (bn.running_var, bn.num_batches_tracked)
-        if (self._inv_std_stamp is not None and self._inv_std_eps == bn.eps
-                and self._inv_std_stamp.matches(stats)):
+        if (
+            self._inv_std_stamp is not None
+            and self._inv_std_eps == bn.eps
+            and self._inv_std_stamp.matches(stats)
+        ):
             return self._inv_std
         inv_std = bn_inv_std(bn.running_var, bn.eps)
         self._inv_std, self._inv_std_stamp = inv_std, _Stamp(stats)
@@ -114,36 +141,43 @@ class FoldState:
 
     def fold(self, conv: nn.Module, bn: nn.Module) -> Tuple[Tensor, Tensor]:
         """The folded weight and bias of ``conv`` and ``bn``."""
-        tensors = (conv.weight, conv.bias, bn.running_mean, bn.running_var,
-                   bn.weight, bn.bias)
+        tensors = (
+            conv.weight,
+            conv.bias,
+            bn.running_mean,
+            bn.running_var,
+            bn.weight,
+            bn.bias,
+        )
         if _compiling():
-            return fold_conv_bn(*tensors, bn.eps, conv.transposed,
-                                conv.groups)
-        stamped = tensors + (bn.num_batches_tracked, )
+            return fold_conv_bn(*tensors, bn.eps, conv.transposed, conv.groups)
+        stamped = tensors + (bn.num_batches_tracked,)
         cacheable = not torch.is_grad_enabled() and not (
-            torch.is_inference_mode_enabled())
+            torch.is_inference_mode_enabled()
+        )
         if not cacheable:
             self._folded = self._folded_stamp = None
-        elif (self._folded_stamp is not None
-              and self._folded_stamp.matches(stamped)
-              and self._folded_eps == bn.eps):
+        elif (
+            self._folded_stamp is not None
+            and self._folded_stamp.matches(stamped)
+            and self._folded_eps == bn.eps
+        ):
             return self._folded
         folded = fold_conv_bn(
             *tensors,
             bn.eps,
             conv.transposed,
             conv.groups,
-            inv_std=self._get_inv_std(bn))
+            inv_std=self._get_inv_std(bn),
+        )
         if cacheable:
             self._folded, self._folded_stamp = folded, _Stamp(stamped)
             self._folded_eps = bn.eps
         return folded
 
-    def forward(self,
-                conv: nn.Module,
-                bn: nn.Module,
-                x: Tensor,
-                output_size=None) -> Tensor:
+    def forward(
+        self, conv: nn.Module, bn: nn.Module, x: Tensor, output_size=None
+    ) -> Tensor:
         """``bn(conv(x))`` for an eval-mode ``bn``, as one convolution."""
         weight, bias = self.fold(conv, bn)
         return conv_forward_with(conv, x, weight, bias, output_size)
@@ -155,10 +189,17 @@ class TunePair:
     Its bound methods become the instance ``forward`` of the conv and of the
     BN. Deep copies (EMA) and pickles carry it along; caches are not kept.
     """
+
     _mmtune_forward_owner = True
 
-    def __init__(self, conv: nn.Module, bn: nn.Module, frame_cls: type,
-                 conv_name: str, bn_name: str):
+    def __init__(
+        self,
+        conv: nn.Module,
+        bn: nn.Module,
+        frame_cls: type,
+        conv_name: str,
+        bn_name: str,
+    ):
         self.conv = conv
         self.bn = bn
         self.frame_cls = frame_cls
@@ -198,15 +239,21 @@ class TunePair:
             f'saw, so {self.conv_name} -> {self.bn_name} stops folding and '
             'computes as in eval mode from now on. Please report this.',
             RuntimeWarning,
-            stacklevel=3)
+            stacklevel=3,
+        )
 
     def conv_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         conv, bn = self.conv, self.bn
         if self.pending is not None:
-            self._diverged(f'the output of {self.conv_name} never reached '
-                           f'{self.bn_name}')
-        if (not self.disabled and bn_uses_running_stats(bn)
-                and hooks_free(conv, bn) and self._called_from_frame()):
+            self._diverged(
+                f'the output of {self.conv_name} never reached {self.bn_name}'
+            )
+        if (
+            not self.disabled
+            and bn_uses_running_stats(bn)
+            and hooks_free(conv, bn)
+            and self._called_from_frame()
+        ):
             output_size = args[0] if args else kwargs.get('output_size')
             out = self.fold_state.forward(conv, bn, x, output_size)
             self.pending = out
@@ -219,35 +266,43 @@ class TunePair:
             self.pending = None
             if x is pending:
                 return x
-            self._diverged(f'{self.bn_name} received another tensor than '
-                           f'the output of {self.conv_name}')
+            self._diverged(
+                f'{self.bn_name} received another tensor than '
+                f'the output of {self.conv_name}'
+            )
         if self.bn.training:
             self.fold_state.clear()  # running statistics may change
         return type(self.bn).forward(self.bn, x)
 
 
-def _resolve_roots(model: nn.Module,
-                   modules: Union[None, str, Sequence[str]]) -> List[str]:
+def _resolve_roots(
+    model: nn.Module, modules: Union[None, str, Sequence[str]]
+) -> List[str]:
     if modules is None:
         return ['']
     if isinstance(modules, str):
         modules = [modules]
     if not isinstance(modules, (list, tuple)) or not all(
-            isinstance(m, str) for m in modules):
-        raise TypeError('modules must be None, a module name or a list of '
-                        f'module names, got {modules!r}')
+        isinstance(m, str) for m in modules
+    ):
+        raise TypeError(
+            'modules must be None, a module name or a list of '
+            f'module names, got {modules!r}'
+        )
     names = dict(model.named_modules())
     unknown = [m for m in modules if m not in names]
     if unknown:
         valid = [name for name, _ in model.named_children()]
         raise ValueError(
             f'unknown module name(s) {unknown} for '
-            f'{type(model).__name__}; valid top-level names are {valid}')
+            f'{type(model).__name__}; valid top-level names are {valid}'
+        )
     # Drop names inside another requested name: their frames are covered.
     roots = []
     for name in sorted(set(modules), key=len):
-        if not any(name == r or name.startswith(r + '.') or r == ''
-                   for r in roots):
+        if not any(
+            name == r or name.startswith(r + '.') or r == '' for r in roots
+        ):
             roots.append(name)
     return roots
 
@@ -258,16 +313,17 @@ def _install(pair: Pair) -> bool:
         return pair.handler.turn_on(pair.frame)
     if is_mmtune_forward(instance_forward(pair.conv)):
         return False
-    runtime = TunePair(pair.conv, pair.bn, type(pair.frame), pair.conv_name,
-                       pair.bn_name)
+    runtime = TunePair(
+        pair.conv, pair.bn, type(pair.frame), pair.conv_name, pair.bn_name
+    )
     pair.conv.forward = runtime.conv_forward
     pair.bn.forward = runtime.bn_forward
     return True
 
 
 def turn_on_fast_conv_bn_eval(
-        model: nn.Module,
-        modules: Union[None, str, Sequence[str]] = None) -> ConvBNReport:
+    model: nn.Module, modules: Union[None, str, Sequence[str]] = None
+) -> ConvBNReport:
     """Run the Conv->BN pairs of ``model`` in tune mode.
 
     Outputs and gradients stay those of eval mode; autograd no longer keeps
@@ -303,6 +359,7 @@ def turn_off_fast_conv_bn_eval(model: nn.Module) -> int:
         int: How many modules got their original forward back.
     """
     from .handlers import get_frame_handler
+
     count = 0
     for module in model.modules():
         handler = get_frame_handler(module)
@@ -315,6 +372,9 @@ def turn_off_fast_conv_bn_eval(model: nn.Module) -> int:
 
 
 __all__ = [
-    'turn_on_fast_conv_bn_eval', 'turn_off_fast_conv_bn_eval', 'TunePair',
-    'FoldState', 'SkipRecord'
+    'turn_on_fast_conv_bn_eval',
+    'turn_off_fast_conv_bn_eval',
+    'TunePair',
+    'FoldState',
+    'SkipRecord',
 ]

@@ -2,6 +2,7 @@
 """Tune mode equals eval mode: outputs, every gradient, an optimizer step
 and a second forward, over conv types, bias, affine, groups, padding modes,
 transposed convs and autocast; plus run-time train/eval switches."""
+
 import copy
 import itertools
 
@@ -18,12 +19,12 @@ BNS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 class ConvBNAct(nn.Module):
-
     def __init__(self, dim, bias, affine, groups, padding_mode, transposed):
         super().__init__()
         if transposed:
             self.conv = TCONVS[dim](
-                4, 6, 3, stride=2, padding=1, groups=groups, bias=bias)
+                4, 6, 3, stride=2, padding=1, groups=groups, bias=bias
+            )
         else:
             self.conv = CONVS[dim](
                 4,
@@ -32,7 +33,8 @@ class ConvBNAct(nn.Module):
                 padding=1,
                 groups=groups,
                 bias=bias,
-                padding_mode=padding_mode)
+                padding_mode=padding_mode,
+            )
         self.bn = BNS[dim](6, affine=affine)
         self.head = CONVS[dim](6, 3, 1)
 
@@ -42,9 +44,9 @@ class ConvBNAct(nn.Module):
 
 def _cases():
     for dim, bias, affine, groups, transposed in itertools.product(
-        (1, 2, 3), (True, False), (True, False), (1, 2), (False, True)):
-        modes = ('zeros', ) if transposed else ('zeros', 'reflect',
-                                                'circular')
+        (1, 2, 3), (True, False), (True, False), (1, 2), (False, True)
+    ):
+        modes = ('zeros',) if transposed else ('zeros', 'reflect', 'circular')
         for padding_mode in modes:
             yield dim, bias, affine, groups, padding_mode, transposed
 
@@ -64,7 +66,7 @@ def _build(case, seed=0):
 
 def _input(dim, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn((2, 4) + (5, ) * dim, generator=gen)
+    return torch.randn((2, 4) + (5,) * dim, generator=gen)
 
 
 def _step(model):
@@ -73,7 +75,8 @@ def _step(model):
 
 
 @pytest.mark.parametrize(
-    'case', CASES, ids=['-'.join(map(str, c)) for c in CASES])
+    'case', CASES, ids=['-'.join(map(str, c)) for c in CASES]
+)
 def test_forward_backward_step_matches_eval(case):
     ref = _build(case).eval()
     tuned = copy.deepcopy(ref)
@@ -121,8 +124,7 @@ def test_train_eval_switches_at_run_time():
         tuned.train(mode)
         assert compare_models(ref, tuned, x, rtol=1e-5) == [], mode
         # in train mode the BN updates its running statistics as usual
-        torch.testing.assert_close(tuned.bn.running_mean,
-                                   ref.bn.running_mean)
+        torch.testing.assert_close(tuned.bn.running_mean, ref.bn.running_mean)
         torch.testing.assert_close(tuned.bn.running_var, ref.bn.running_var)
         assert tuned.bn.num_batches_tracked == ref.bn.num_batches_tracked
     # only the BN switched back to train mode (norm_eval style, inverted)

@@ -1,0 +1,159 @@
+# Copyright (c) mmtune contributors. All rights reserved.
+"""Whole real mmdet models in tune mode: every Conv->eval-BN pair that a
+run-time check finds is converted, and outputs and all gradients equal eval
+mode (float64: float32 gradients of deep nets differ by ~1e-2 relative
+even with nothing rewritten)."""
+
+import copy
+
+import pytest
+import torch
+
+from mmtune import fuse_conv_bn, turn_on_fast_conv_bn_eval
+from mmtune.testing import (
+    compare_models,
+    find_conv_bn_pairs_at_runtime,
+    randomize_bn,
+)
+
+mmdet = pytest.importorskip('mmdet')
+from mmdet.registry import MODELS  # noqa: E402
+from mmdet.utils import register_all_modules  # noqa: E402
+
+register_all_modules()
+
+HRNET_EXTRA = dict(
+    stage1=dict(
+        num_modules=1,
+        num_branches=1,
+        block='BOTTLENECK',
+        num_blocks=(1,),
+        num_channels=(16,),
+    ),
+    stage2=dict(
+        num_modules=1,
+        num_branches=2,
+        block='BASIC',
+        num_blocks=(1, 1),
+        num_channels=(8, 16),
+    ),
+    stage3=dict(
+        num_modules=1,
+        num_branches=3,
+        block='BASIC',
+        num_blocks=(1, 1, 1),
+        num_channels=(8, 16, 32),
+    ),
+    stage4=dict(
+        num_modules=1,
+        num_branches=4,
+        block='BASIC',
+        num_blocks=(1, 1, 1, 1),
+        num_channels=(8, 16, 32, 64),
+    ),
+)
+
+BACKBONES = {
+    'resnet50': dict(type='ResNet', depth=50, norm_eval=True),
+    'resnet18_with_cp': dict(
+        type='ResNet', depth=18, with_cp=True, norm_eval=True
+    ),
+    'resnext50': dict(
+        type='ResNeXt', depth=50, groups=32, base_width=4, norm_eval=True
+    ),
+    'regnetx_400mf': dict(type='RegNet', arch='regnetx_400mf', norm_eval=True),
+    'hrnet': dict(type='HRNet', extra=HRNET_EXTRA, norm_eval=True),
+    'resnet50_dcn': dict(
+        type='ResNet',
+        depth=50,
+        norm_eval=True,
+        dcn=dict(type='DCNv2', deform_groups=1, fallback_on_stride=False),
+        stage_with_dcn=(False, False, True, True),
+    ),
+    'cspdarknet': dict(
+        type='CSPDarknet',
+        deepen_factor=0.33,
+        widen_factor=0.25,
+        norm_eval=True,
+    ),
+    'cspnext': dict(
+        type='CSPNeXt', deepen_factor=0.167, widen_factor=0.25, norm_eval=True
+    ),
+    'mobilenetv2': dict(type='MobileNetV2', norm_eval=True),
+}
+
+
+def _build(cfg):
+    torch.manual_seed(0)
+    model = MODELS.build(cfg)
+    randomize_bn(model)
+    return model.double()
+
+
+@pytest.mark.parametrize('name', list(BACKBONES))
+def test_backbone_whole_model(name):
+    model = _build(BACKBONES[name])
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    model.train()  # norm_eval keeps every BN in eval mode
+    runtime_pairs = find_conv_bn_pairs_at_runtime(model, x)
+    assert runtime_pairs
+    ref = copy.deepcopy(model)
+    report = turn_on_fast_conv_bn_eval(model)
+    assert set(runtime_pairs) <= set(report.converted), str(report)
+    if name == 'resnet50_dcn':
+        assert any(
+            'ModulatedDeformConv2dPack' in s.reason for s in report.skipped
+        )
+    assert compare_models(ref, model, [x], rtol=1e-9) == []
+    ref.eval()
+    model.eval()
+    assert compare_models(ref, model, [x], rtol=1e-9) == []
+
+
+def _detector(config):
+    from mmengine.hub import get_config
+
+    cfg = get_config(f'mmdet::{config}')
+    cfg.model.backbone.init_cfg = None
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    randomize_bn(model)
+    return model
+
+
+def test_retinanet_r50_fpn_whole_detector():
+    model = _detector('retinanet/retinanet_r50_fpn_1x_coco.py').double()
+    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+    model.train()
+    runtime_pairs = find_conv_bn_pairs_at_runtime(model, x, mode='tensor')
+    ref = copy.deepcopy(model)
+    report = turn_on_fast_conv_bn_eval(model)
+    assert len(runtime_pairs) == 53
+    assert set(runtime_pairs) <= set(report.converted), str(report)
+
+    class Tensor(torch.nn.Module):
+        def __init__(self, det):
+            super().__init__()
+            self.det = det
+
+        def forward(self, x):
+            return self.det(x, mode='tensor')
+
+    for mode in (True, False):
+        ref.train(mode)
+        model.train(mode)
+        assert compare_models(Tensor(ref), Tensor(model), [x], rtol=1e-9) == []
+
+
+def test_mask_rcnn_turn_on_cost_and_deploy():
+    model = _detector('mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py').eval()
+    report = turn_on_fast_conv_bn_eval(model)
+    assert len(report.converted) == 53
+    assert report.seconds < 2.0, report.summary()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.extract_feat(x)
+        fused = fuse_conv_bn(model)
+        assert len(fused.converted) == 53
+        for a, b in zip(model.extract_feat(x), expected):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
