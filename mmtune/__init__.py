@@ -3,8 +3,8 @@
 
 Layers, each importing only the ones below it:
 
-- :mod:`mmtune.ops`: the maths (torch only): folding BN into conv weights,
-  pooled BN statistics.
+- :mod:`mmtune.ops` and :mod:`mmtune.precise_bn`: the maths (torch only):
+  folding BN into conv weights; pooled, all-reduced BN statistics.
 - :mod:`mmtune.rewrite`: finding Conv->BN pairs in a model and switching
   them to tune mode or folding them for deployment (torch + fx).
 - :mod:`mmtune.engine`: mmengine/mmcv integration (hooks, config keys, the
