@@ -1,14 +1,72 @@
 # Copyright (c) mmtune contributors. All rights reserved.
 """Turn mmtune's config keys into hooks (used by ``tools/train.py`` and
-``tools/test.py``)."""
+``tools/test.py``).
+
+Keys:
+
+- ``fast_conv_bn_eval`` (bool, default False): tune mode for Conv+eval-BN.
+- ``fast_conv_bn_eval_modules`` (name or list of names, default the whole
+  model): where tune mode applies; setting it alone turns tune mode on.
+- ``precise_bn`` (dict(num_samples=..., interval=...), True or None).
+- mmengine's own ``efficient_conv_bn_eval`` (list of names) is taken over:
+  mmtune applies the rewrite, once, itself.
+"""
+from typing import Any, Optional
+
 from mmengine.config import Config
+from mmengine.logging import print_log
+
+from .hooks.fast_conv_bn_eval_hook import check_modules_arg
+from .hooks.precise_bn_hook import precise_bn_hook_cfg
+
+_TUNE_HOOK_TYPES = ('mmtune.FastConvBNEvalHook', 'FastConvBNEvalHook')
+_PRECISE_HOOK_TYPES = ('mmtune.PreciseBNHook', 'PreciseBNHook')
+
+
+def _has_hook(cfg: Config, types) -> bool:
+    return any(
+        isinstance(h, dict) and h.get('type') in types
+        for h in cfg.get('custom_hooks', None) or []
+    )
+
+
+def fast_conv_bn_eval_hook_cfg(cfg: Config) -> Optional[dict]:
+    """The tune-mode hook config that ``cfg``'s keys ask for, or None.
+
+    Raises:
+        TypeError: a key has the wrong type (the message names the value).
+    """
+    enabled: Any = cfg.get('fast_conv_bn_eval', None)
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(
+            f'fast_conv_bn_eval must be True or False, got {enabled!r} of '
+            f'type {type(enabled).__name__}'
+        )
+    modules = check_modules_arg(cfg.get('fast_conv_bn_eval_modules', None))
+    mmengine_modules = cfg.get('efficient_conv_bn_eval', None)
+    if mmengine_modules is not None:
+        mmengine_modules = check_modules_arg(mmengine_modules)
+    if enabled is False:
+        if modules is not None:
+            print_log(
+                'fast_conv_bn_eval=False: fast_conv_bn_eval_modules='
+                f'{modules!r} is ignored',
+                logger='current',
+            )
+        return None
+    if enabled is None and modules is None and mmengine_modules is None:
+        return None
+    if enabled is None and modules is None:
+        # Only mmengine's key: cover what it names.
+        modules = mmengine_modules
+    return {'type': 'mmtune.FastConvBNEvalHook', 'modules': modules}
 
 
 def apply_mmtune_cfg(cfg: Config) -> Config:
     """Validate mmtune's config keys and add the hooks they ask for.
 
-    Keys: ``fast_conv_bn_eval``, ``fast_conv_bn_eval_modules`` and
-    ``precise_bn``. Bad values raise before any training starts.
+    Bad values raise before any training starts; a hook already listed in
+    ``custom_hooks`` is not added twice.
 
     Args:
         cfg (Config): The full config; modified in place.
@@ -16,5 +74,12 @@ def apply_mmtune_cfg(cfg: Config) -> Config:
     Returns:
         Config: ``cfg``.
     """
-    # Filled in by the tune-mode and precise-BN features.
+    hooks = list(cfg.get('custom_hooks', None) or [])
+    tune = fast_conv_bn_eval_hook_cfg(cfg)
+    if tune is not None and not _has_hook(cfg, _TUNE_HOOK_TYPES):
+        hooks.append(tune)
+    precise = precise_bn_hook_cfg(cfg.get('precise_bn', None))
+    if precise is not None and not _has_hook(cfg, _PRECISE_HOOK_TYPES):
+        hooks.append(precise)
+    cfg.custom_hooks = hooks
     return cfg
