@@ -11,13 +11,22 @@ Layers, each importing only the ones below it:
   mmcv ``ConvModule`` path).
 - ``tools/``: command-line tools.
 """
+
 from .precise_bn import update_bn_stats
-from .rewrite import (ConvBNReport, fuse_conv_bn, turn_off_fast_conv_bn_eval,
-                      turn_on_fast_conv_bn_eval)
+from .rewrite import (
+    ConvBNReport,
+    fuse_conv_bn,
+    turn_off_fast_conv_bn_eval,
+    turn_on_fast_conv_bn_eval,
+)
 from .version import __version__, version_info
 
 __all__ = [
-    '__version__', 'version_info', 'turn_on_fast_conv_bn_eval',
-    'turn_off_fast_conv_bn_eval', 'fuse_conv_bn', 'ConvBNReport',
-    'update_bn_stats'
+    '__version__',
+    'version_info',
+    'turn_on_fast_conv_bn_eval',
+    'turn_off_fast_conv_bn_eval',
+    'fuse_conv_bn',
+    'ConvBNReport',
+    'update_bn_stats',
 ]

@@ -34,10 +34,11 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> None:
 
 
 def find_conv_bn_pairs_at_runtime(
-    model: nn.Module, *args, **kwargs
+    model: nn.Module, *args, forward: Optional[Callable] = None, **kwargs
 ) -> List[Tuple[str, str]]:
-    """Run ``model(*args, **kwargs)`` and list the ``(conv, bn)`` pairs
-    where a BN received exactly the tensor that a conv returned.
+    """Run ``model(*args, **kwargs)`` (or ``forward(*args, **kwargs)``) and
+    list the ``(conv, bn)`` pairs of ``model`` where a BN received exactly
+    the tensor that a conv returned.
 
     Returns:
         list[tuple[str, str]]: Qualified names, in call order.
@@ -69,7 +70,7 @@ def find_conv_bn_pairs_at_runtime(
             handles.append(module.register_forward_pre_hook(bn_hook(name)))
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            (forward or model)(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -168,3 +169,66 @@ def compare_models(
             if err > rtol:
                 problems.append(f'grad of input {i}: relative error {err:.2e}')
     return problems
+
+
+HRNET_EXTRA = dict(
+    stage1=dict(
+        num_modules=1,
+        num_branches=1,
+        block='BOTTLENECK',
+        num_blocks=(1,),
+        num_channels=(16,),
+    ),
+    stage2=dict(
+        num_modules=1,
+        num_branches=2,
+        block='BASIC',
+        num_blocks=(1, 1),
+        num_channels=(8, 16),
+    ),
+    stage3=dict(
+        num_modules=1,
+        num_branches=3,
+        block='BASIC',
+        num_blocks=(1, 1, 1),
+        num_channels=(8, 16, 32),
+    ),
+    stage4=dict(
+        num_modules=1,
+        num_branches=4,
+        block='BASIC',
+        num_blocks=(1, 1, 1, 1),
+        num_channels=(8, 16, 32, 64),
+    ),
+)
+
+#: mmdet backbone configs (plain dicts, no mmdet import here) used by the
+#: tests and ``tools/analysis_tools/conv_bn_coverage.py``.
+MMDET_BACKBONES = {
+    'resnet50': dict(type='ResNet', depth=50, norm_eval=True),
+    'resnet18_with_cp': dict(
+        type='ResNet', depth=18, with_cp=True, norm_eval=True
+    ),
+    'resnext50': dict(
+        type='ResNeXt', depth=50, groups=32, base_width=4, norm_eval=True
+    ),
+    'regnetx_400mf': dict(type='RegNet', arch='regnetx_400mf', norm_eval=True),
+    'hrnet': dict(type='HRNet', extra=HRNET_EXTRA, norm_eval=True),
+    'resnet50_dcn': dict(
+        type='ResNet',
+        depth=50,
+        norm_eval=True,
+        dcn=dict(type='DCNv2', deform_groups=1, fallback_on_stride=False),
+        stage_with_dcn=(False, False, True, True),
+    ),
+    'cspdarknet': dict(
+        type='CSPDarknet',
+        deepen_factor=0.33,
+        widen_factor=0.25,
+        norm_eval=True,
+    ),
+    'cspnext': dict(
+        type='CSPNeXt', deepen_factor=0.167, widen_factor=0.25, norm_eval=True
+    ),
+    'mobilenetv2': dict(type='MobileNetV2', norm_eval=True),
+}

@@ -11,6 +11,7 @@ import torch
 
 from mmtune import fuse_conv_bn, turn_on_fast_conv_bn_eval
 from mmtune.testing import (
+    MMDET_BACKBONES,
     compare_models,
     find_conv_bn_pairs_at_runtime,
     randomize_bn,
@@ -22,65 +23,7 @@ from mmdet.utils import register_all_modules  # noqa: E402
 
 register_all_modules()
 
-HRNET_EXTRA = dict(
-    stage1=dict(
-        num_modules=1,
-        num_branches=1,
-        block='BOTTLENECK',
-        num_blocks=(1,),
-        num_channels=(16,),
-    ),
-    stage2=dict(
-        num_modules=1,
-        num_branches=2,
-        block='BASIC',
-        num_blocks=(1, 1),
-        num_channels=(8, 16),
-    ),
-    stage3=dict(
-        num_modules=1,
-        num_branches=3,
-        block='BASIC',
-        num_blocks=(1, 1, 1),
-        num_channels=(8, 16, 32),
-    ),
-    stage4=dict(
-        num_modules=1,
-        num_branches=4,
-        block='BASIC',
-        num_blocks=(1, 1, 1, 1),
-        num_channels=(8, 16, 32, 64),
-    ),
-)
-
-BACKBONES = {
-    'resnet50': dict(type='ResNet', depth=50, norm_eval=True),
-    'resnet18_with_cp': dict(
-        type='ResNet', depth=18, with_cp=True, norm_eval=True
-    ),
-    'resnext50': dict(
-        type='ResNeXt', depth=50, groups=32, base_width=4, norm_eval=True
-    ),
-    'regnetx_400mf': dict(type='RegNet', arch='regnetx_400mf', norm_eval=True),
-    'hrnet': dict(type='HRNet', extra=HRNET_EXTRA, norm_eval=True),
-    'resnet50_dcn': dict(
-        type='ResNet',
-        depth=50,
-        norm_eval=True,
-        dcn=dict(type='DCNv2', deform_groups=1, fallback_on_stride=False),
-        stage_with_dcn=(False, False, True, True),
-    ),
-    'cspdarknet': dict(
-        type='CSPDarknet',
-        deepen_factor=0.33,
-        widen_factor=0.25,
-        norm_eval=True,
-    ),
-    'cspnext': dict(
-        type='CSPNeXt', deepen_factor=0.167, widen_factor=0.25, norm_eval=True
-    ),
-    'mobilenetv2': dict(type='MobileNetV2', norm_eval=True),
-}
+BACKBONES = MMDET_BACKBONES
 
 
 def _build(cfg):
