@@ -7,6 +7,7 @@ whatever the config's ``default_scope`` is (mmdet, mmpretrain, mmseg).
 Every hook is also registered in mmengine's root registry under its plain
 name, which child scopes fall back to when they have no hook of that name.
 """
+
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import Registry
@@ -15,12 +16,14 @@ HOOKS = Registry(
     'hook',
     parent=MMENGINE_HOOKS,
     scope='mmtune',
-    locations=['mmtune.engine.hooks'])
+    locations=['mmtune.engine.hooks'],
+)
 MODELS = Registry(
     'model',
     parent=MMENGINE_MODELS,
     scope='mmtune',
-    locations=['mmtune.models'])
+    locations=['mmtune.models'],
+)
 
 
 def register_hook(cls):

@@ -11,6 +11,7 @@ Keys:
 - mmengine's own ``efficient_conv_bn_eval`` (list of names) is taken over:
   mmtune applies the rewrite, once, itself.
 """
+
 from typing import Any, Optional
 
 from mmengine.config import Config

@@ -1,5 +1,6 @@
 # Copyright (c) mmtune contributors. All rights reserved.
 """The ready configs load, ask for the hook, and their models convert."""
+
 import glob
 import os.path as osp
 
@@ -10,7 +11,8 @@ from mmengine.config import Config
 from mmtune.engine import apply_mmtune_cfg
 
 CONFIGS = sorted(
-    glob.glob(osp.join(REPO, 'configs', 'fast_conv_bn_eval', '*.py')))
+    glob.glob(osp.join(REPO, 'configs', 'fast_conv_bn_eval', '*.py'))
+)
 
 
 def test_there_are_three():
@@ -28,8 +30,9 @@ def test_config_turns_tune_mode_on(path):
     cfg = Config.fromfile(path)
     assert cfg.fast_conv_bn_eval is True
     apply_mmtune_cfg(cfg)
-    hooks = [h for h in cfg.custom_hooks
-             if h['type'] == 'mmtune.FastConvBNEvalHook']
+    hooks = [
+        h for h in cfg.custom_hooks if h['type'] == 'mmtune.FastConvBNEvalHook'
+    ]
     assert len(hooks) == 1 and hooks[0]['modules'] is None
     apply_mmtune_cfg(cfg)  # idempotent: still one hook
     assert len(cfg.custom_hooks) == 1

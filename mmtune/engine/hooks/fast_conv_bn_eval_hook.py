@@ -1,5 +1,6 @@
 # Copyright (c) mmtune contributors. All rights reserved.
 """Turn tune mode on inside an mmengine run, at the right moment."""
+
 from typing import List, Optional, Sequence, Union
 
 from mmengine.hooks import Hook
@@ -80,7 +81,7 @@ class FastConvBNEvalHook(Hook):
                 extra = check_modules_arg(mmengine_modules) or []
                 self.modules = sorted(set(self.modules) | set(extra))
             runner.logger.info(
-                'mmtune: the config sets mmengine\'s efficient_conv_bn_eval='
+                "mmtune: the config sets mmengine's efficient_conv_bn_eval="
                 f'{mmengine_modules!r}; mmtune applies the rewrite once, '
                 'itself (modules: '
                 f'{self.modules if self.modules else "whole model"})'
