@@ -437,3 +437,22 @@ def test_fuse_after_tune_mode():
     assert turn_off_fast_conv_bn_eval(model) == 0
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected)
+
+
+def test_torch_compile_traces_through_without_breaks():
+    import torch._dynamo as dynamo
+
+    from mmtune.testing import forward_backward
+
+    model = _resnetish()
+    ref = copy.deepcopy(model)
+    turn_on_fast_conv_bn_eval(model)
+    x = _x(2, 3, 6, 6)
+    dynamo.reset()
+    assert dynamo.explain(model)(x).graph_break_count == 0
+    compiled = torch.compile(model, backend='aot_eager')
+    out_ref, grads_ref, _ = forward_backward(ref, [x])
+    out, grads, _ = forward_backward(compiled, [x])
+    torch.testing.assert_close(out[0], out_ref[0])
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads['_orig_mod.' + name], grad)
