@@ -111,10 +111,11 @@ class FoldState:
     """Computes a pair's tune-mode forward, caching what it safely can.
 
     ``1 / sqrt(var + eps)`` is cached while the running variance is
-    unchanged. Without autograd (validation, inference) the folded weight
-    and bias are cached too while no input changed, so eval-time forwards
-    cost one convolution; the weight cache is dropped at the next forward
-    with autograd so that it costs no memory in training.
+    unchanged. When nothing needs gradients (validation, inference, frozen
+    layers) the folded weight and bias are cached too while no input
+    changed, so such forwards cost one convolution; for trainable layers the
+    cache is dropped at the next forward with autograd so that it costs no
+    memory in training.
     """
 
     def __init__(self):
@@ -152,8 +153,12 @@ class FoldState:
         if _compiling():
             return fold_conv_bn(*tensors, bn.eps, conv.transposed, conv.groups)
         stamped = tensors + (bn.num_batches_tracked,)
-        cacheable = not torch.is_grad_enabled() and not (
-            torch.is_inference_mode_enabled()
+        # Without autograd there is no graph to rebuild, so the folded
+        # tensors can be reused until an input changes: in validation, and
+        # for frozen layers (frozen_stages) in training.
+        cacheable = not torch.is_inference_mode_enabled() and not (
+            torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in tensors)
         )
         if not cacheable:
             self._folded = self._folded_stamp = None
