@@ -28,7 +28,7 @@ from mmtune.datasets import (
 )
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-CONFIG = osp.join(REPO, 'configs', 'demo', 'retinanet_r18_fpn_1x_demo-coco.py')
+CONFIG = osp.join(REPO, 'configs', 'demo', 'faster-rcnn_r18_fpn_80iter_demo-coco.py')
 # Smaller images, and BN in the FPN (ConvModule norm layers, which train).
 OPTIONS = {
     'model.neck.norm_cfg': {'type': 'BN'},

@@ -1,0 +1,231 @@
+# Copyright (c) mmtune contributors. All rights reserved.
+"""FastConvBNEvalHook and the config keys in real Runner runs on the demo
+detector."""
+
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, demo_cfg, run_training
+from mmengine.config import Config
+
+import mmtune.engine.hooks.fast_conv_bn_eval_hook as hook_mod
+from mmtune.engine import FastConvBNEvalHook, apply_mmtune_cfg
+
+
+def _close(a, b, rtol=1e-4):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert abs(x - y) <= rtol * max(abs(y), 1e-6), (a, b)
+
+
+def _max_param_diff(a, b):
+    """Largest relative difference between two models' parameters."""
+    worst = 0.0
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        scale = max(p.detach().abs().max().item(), 1e-12)
+        worst = max(worst, (p - q).detach().abs().max().item() / scale)
+    return worst
+
+
+def test_same_losses_as_without(tmp_path):
+    off_runner, off = run_training(demo_cfg(tmp_path / 'off', max_iters=1))
+    runner, on = run_training(
+        demo_cfg(tmp_path / 'on', max_iters=1, fast_conv_bn_eval=True))
+    # the same loss, and after one SGD step the same weights up to float32
+    # rounding
+    _close(on, off, rtol=1e-6)
+    assert _max_param_diff(off_runner.model, runner.model) < 1e-5
+    model = runner.model
+    assert 'forward' in model.backbone.conv1.__dict__
+    # frozen_stages=1: the stem and stage 1 stay frozen in tune mode too
+    assert model.backbone.conv1.weight.grad is None
+    assert not model.backbone.layer1[0].conv1.weight.requires_grad
+    # Over more steps float32 rounding can flip discrete choices (proposal
+    # sampling, NMS), so later losses are only close.
+    _, off = run_training(demo_cfg(tmp_path / 'off4', max_iters=4))
+    _, on = run_training(
+        demo_cfg(tmp_path / 'on4', max_iters=4, fast_conv_bn_eval=True))
+    _close(on[:1], off[:1], rtol=1e-6)
+    _close(on, off, rtol=2e-2)
+
+
+def test_gradient_accumulation(tmp_path):
+    opts = {'optim_wrapper.accumulative_counts': 2}
+    _, off = run_training(demo_cfg(tmp_path / 'off', max_iters=4, **opts))
+    _, on = run_training(
+        demo_cfg(tmp_path / 'on', max_iters=4, fast_conv_bn_eval=True, **opts)
+    )
+    # two accumulated iterations make one step: the first two losses are
+    # computed with the same weights
+    _close(on[:2], off[:2], rtol=1e-6)
+    _close(on, off, rtol=2e-2)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Record every rewrite the hook makes and the model state it saw."""
+    seen = []
+    original = hook_mod.turn_on_fast_conv_bn_eval
+
+    def spy(model, modules=None):
+        seen.append(model.backbone.conv1.weight.detach().clone())
+        return original(model, modules)
+
+    monkeypatch.setattr(hook_mod, 'turn_on_fast_conv_bn_eval', spy)
+    return seen
+
+
+def test_acts_after_init_and_checkpoint_loading(tmp_path, calls):
+    # a checkpoint whose weights differ from any initialisation
+    cfg = demo_cfg(tmp_path / 'first', max_iters=1)
+    runner, _ = run_training(cfg)
+    state = runner.model.state_dict()
+    state['backbone.conv1.weight'] = torch.full_like(
+        state['backbone.conv1.weight'], 0.125
+    )
+    ckpt = str(tmp_path / 'marked.pth')
+    torch.save({'state_dict': state, 'meta': {}}, ckpt)
+    assert calls == []
+
+    cfg = demo_cfg(
+        tmp_path / 'second',
+        max_iters=2,
+        fast_conv_bn_eval=True,
+        load_from=ckpt,
+    )
+    runner, _ = run_training(cfg)
+    # one rewrite, and it saw the loaded weights: acting before loading (or
+    # before init) would have seen other values
+    assert len(calls) == 1
+    assert torch.all(calls[0] == 0.125)
+    # validation and test after training do not rewrite again
+    runner.val()
+    runner.test()
+    assert len(calls) == 1
+    conv = runner.model.backbone.conv1
+    assert conv.forward.__self__.conv is conv  # not wrapped twice
+
+
+def test_validation_only_run(tmp_path, calls):
+    from mmengine.runner import Runner
+
+    cfg = demo_cfg(tmp_path, fast_conv_bn_eval=True)
+    apply_mmtune_cfg(cfg)
+    runner = Runner.from_cfg(cfg)
+    runner.val()
+    assert len(calls) == 1
+    assert 'forward' in runner.model.backbone.conv1.__dict__
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    _, full = run_training(
+        demo_cfg(tmp_path / 'full', max_iters=4, fast_conv_bn_eval=True)
+    )
+    ckpt_hook = dict(type='CheckpointHook', by_epoch=False, interval=2)
+    _, first = run_training(
+        demo_cfg(
+            tmp_path / 'part',
+            max_iters=2,
+            fast_conv_bn_eval=True,
+            default_hooks=dict(checkpoint=ckpt_hook),
+        )
+    )
+    ckpt = tmp_path / 'part' / 'iter_2.pth'
+    assert ckpt.exists()
+    _, rest = run_training(
+        demo_cfg(
+            tmp_path / 'part',
+            max_iters=4,
+            fast_conv_bn_eval=True,
+            resume=True,
+            load_from=str(ckpt),
+        )
+    )
+    _close(first + rest, full, rtol=1e-5)
+
+
+def test_ema_hook(tmp_path):
+    runner, losses = run_training(
+        demo_cfg(
+            tmp_path,
+            max_iters=2,
+            fast_conv_bn_eval=True,
+            custom_hooks=[dict(type='EMAHook', momentum=0.1)],
+        )
+    )
+    assert len(losses) == 2
+    metrics = runner.val()  # runs on the EMA weights
+    assert 'coco/bbox_mAP' in metrics
+
+
+def test_mmengine_option_is_taken_over(tmp_path, calls):
+    cfg = demo_cfg(tmp_path, max_iters=1, efficient_conv_bn_eval=['backbone'])
+    runner, _ = run_training(cfg)
+    assert len(calls) == 1
+    assert 'efficient_conv_bn_eval' not in runner.cfg
+    # mmengine would have replaced backbone.forward by a traced graph
+    assert 'forward' not in runner.model.backbone.__dict__
+    assert 'forward' in runner.model.backbone.conv1.__dict__
+
+
+@pytest.mark.parametrize(
+    'options,error,text',
+    [
+        (dict(fast_conv_bn_eval='yes'), TypeError, "'yes'"),
+        (dict(fast_conv_bn_eval_modules=3), TypeError, '3'),
+        (dict(precise_bn=dict(num_samples=-1)), ValueError, '-1'),
+    ],
+)
+def test_bad_config_values(options, error, text):
+    cfg = Config(dict(options))
+    with pytest.raises(error, match=text):
+        apply_mmtune_cfg(cfg)
+
+
+def test_unknown_module_names_fail_before_training(tmp_path):
+    cfg = demo_cfg(tmp_path, fast_conv_bn_eval_modules=['backbone', 'bakbone'])
+    with pytest.raises(ValueError, match=r"\['bakbone'\]"):
+        run_training(cfg)
+    assert not list(tmp_path.glob('*.pth'))
+
+
+def test_hook_is_built_from_any_scope():
+    from mmengine.registry import HOOKS, DefaultScope
+
+    for scope in ('mmdet', 'mmengine'):
+        with DefaultScope.overwrite_default_scope(scope):
+            hook = HOOKS.build(
+                dict(type='mmtune.FastConvBNEvalHook', modules='backbone')
+            )
+            assert isinstance(hook, FastConvBNEvalHook)
+            plain = HOOKS.build(dict(type='FastConvBNEvalHook'))
+            assert isinstance(plain, FastConvBNEvalHook)
+    with pytest.raises(TypeError, match='module name'):
+        FastConvBNEvalHook(modules=[1])
+
+
+def test_train_tool_rejects_bad_value(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            osp.join(REPO, 'tools', 'train.py'),
+            osp.join(
+                REPO, 'configs', 'demo', 'faster-rcnn_r18_fpn_80iter_demo-coco.py'
+            ),
+            '--work-dir',
+            str(tmp_path),
+            '--cfg-options',
+            'fast_conv_bn_eval=maybe',
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "fast_conv_bn_eval must be True or False, got 'maybe'" in (
+        proc.stderr
+    )
