@@ -74,10 +74,12 @@ class ReseedPerIter(_hook_base()):
     """Seed torch by the iteration number, so that random proposal sampling
     is the same whether a run was resumed or not (mmengine checkpoints do
     not carry the RNG state)."""
+
     priority = 'HIGHEST'
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         import torch
+
         torch.manual_seed(1000 + runner.iter)
 
 

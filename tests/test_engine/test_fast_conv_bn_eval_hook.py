@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, demo_cfg, run_training
+from conftest import DEMO_CONFIG, REPO, demo_cfg, run_training
 from mmengine.config import Config
 
 import mmtune.engine.hooks.fast_conv_bn_eval_hook as hook_mod
@@ -24,7 +24,7 @@ def _close(a, b, rtol=1e-4):
 def _max_param_diff(a, b):
     """Largest relative difference between two models' parameters."""
     worst = 0.0
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters()):
         scale = max(p.detach().abs().max().item(), 1e-12)
         worst = max(worst, (p - q).detach().abs().max().item() / scale)
     return worst
@@ -33,7 +33,8 @@ def _max_param_diff(a, b):
 def test_same_losses_as_without(tmp_path):
     off_runner, off = run_training(demo_cfg(tmp_path / 'off', max_iters=1))
     runner, on = run_training(
-        demo_cfg(tmp_path / 'on', max_iters=1, fast_conv_bn_eval=True))
+        demo_cfg(tmp_path / 'on', max_iters=1, fast_conv_bn_eval=True)
+    )
     # the same loss, and after one SGD step the same weights up to float32
     # rounding
     _close(on, off, rtol=1e-6)
@@ -47,7 +48,8 @@ def test_same_losses_as_without(tmp_path):
     # sampling, NMS), so later losses are only close.
     _, off = run_training(demo_cfg(tmp_path / 'off4', max_iters=4))
     _, on = run_training(
-        demo_cfg(tmp_path / 'on4', max_iters=4, fast_conv_bn_eval=True))
+        demo_cfg(tmp_path / 'on4', max_iters=4, fast_conv_bn_eval=True)
+    )
     _close(on[:1], off[:1], rtol=1e-6)
     _close(on, off, rtol=2e-2)
 
@@ -212,9 +214,7 @@ def test_train_tool_rejects_bad_value(tmp_path):
         [
             sys.executable,
             osp.join(REPO, 'tools', 'train.py'),
-            osp.join(
-                REPO, 'configs', 'demo', 'faster-rcnn_r18_fpn_80iter_demo-coco.py'
-            ),
+            DEMO_CONFIG,
             '--work-dir',
             str(tmp_path),
             '--cfg-options',
