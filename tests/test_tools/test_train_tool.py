@@ -214,7 +214,7 @@ def test_test_fuse_conv_bn(trained, tested, env, tmp_path):
 
 def test_dist_train_on_cpu(env, tmp_path):
     """tools/dist_train.sh runs 2 processes with gloo when there is no
-    CUDA (with CUDA it is mmdet's usual multi-GPU run)."""
+    CUDA (with CUDA it is mmdet's usual multi-GPU run), with tune mode on."""
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         port = sock.getsockname()[1]
@@ -230,6 +230,7 @@ def test_dist_train_on_cpu(env, tmp_path):
             '--cfg-options',
             'train_cfg.max_iters=2',
             'train_cfg.val_interval=2',
+            'fast_conv_bn_eval=True',
             *SMALL,
         ],
         cwd=REPO,
@@ -241,6 +242,8 @@ def test_dist_train_on_cpu(env, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-5000:]
     assert 'Distributed training: True' in proc.stdout
+    # tune mode on, under DDP, on both ranks' model (logged by rank 0)
+    assert '20 Conv+BN pairs converted, 0 skipped' in proc.stdout
     # 4 validation images, 2 per batch, split between 2 processes.
     assert 'Iter(val) [1/1]' in proc.stdout
     assert osp.isfile(osp.join(tmp_path, 'iter_2.pth'))
