@@ -17,7 +17,8 @@ WANT=$(cat requirements/*.txt setup.py tools/setup_env.sh | sha256sum |
     cut -d' ' -f1)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] &&
-    "$VENV/bin/python" -c 'import mmtune, mmcv.ops, mmdet' 2>/dev/null; then
+    "$VENV/bin/python" -c 'import mmtune, mmcv.ops, mmdet, pkg_resources' \
+        2>/dev/null; then
     echo "[setup] environment in $VENV is up to date"
     exit 0
 fi
@@ -32,15 +33,17 @@ echo "[setup] installing torch, mmengine, mmdet and the test tools"
 if ! "$VENV/bin/python" -c 'import mmcv.ops' 2>/dev/null; then
     echo "[setup] building mmcv 2.1.0 with ops (about 11 min the first" \
         "time, then cached by pip)"
-    # mmcv 2.1.0's setup.py imports pkg_resources, gone from setuptools 70.
+    # mmcv 2.1.0's setup.py builds with setuptools<70 (pkg_resources).
     "${PIP[@]}" install -q 'setuptools<70'
     MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} "${PIP[@]}" install -q \
         --no-build-isolation mmcv==2.1.0
+    # back to the runtime pin (torch wants >=77, mmengine pkg_resources)
+    "${PIP[@]}" install -q -r requirements/cpu.txt
 fi
 
 echo "[setup] installing mmtune in editable mode"
 "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
 
-"$VENV/bin/python" -c 'import mmtune, mmcv.ops, mmdet; print(
+"$VENV/bin/python" -c 'import mmtune, mmcv.ops, mmdet, pkg_resources; print(
     "[setup] ok: mmtune", mmtune.__version__)'
 echo "$WANT" >"$STAMP"
