@@ -4,6 +4,7 @@
 The version lives in ``mmtune/version.py`` only; the dependencies are read
 from ``requirements/``.
 """
+
 import os.path as osp
 import re
 
@@ -50,9 +51,10 @@ setup(
     license='Apache License 2.0',
     install_requires=parse_requirements('runtime.txt'),
     extras_require={
-        'all': parse_requirements('mminstall.txt') +
-        parse_requirements('tests.txt'),
+        'all': parse_requirements('mminstall.txt')
+        + parse_requirements('tests.txt'),
         'mim': parse_requirements('mminstall.txt'),
         'tests': parse_requirements('tests.txt'),
     },
-    zip_safe=False)
+    zip_safe=False,
+)

@@ -21,14 +21,16 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import mmtune.engine.hooks.precise_bn_hook as hook_module  # noqa: E402
-from mmtune.datasets import (
+from mmtune.datasets import (  # noqa: E402
     DEMO_DATA_ENV,
-    default_demo_root,  # noqa: E402
+    default_demo_root,
     prepare_demo_data,
 )
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-CONFIG = osp.join(REPO, 'configs', 'demo', 'faster-rcnn_r18_fpn_80iter_demo-coco.py')
+CONFIG = osp.join(
+    REPO, 'configs', 'demo', 'faster-rcnn_r18_fpn_80iter_demo-coco.py'
+)
 # Smaller images, and BN in the FPN (ConvModule norm layers, which train).
 OPTIONS = {
     'model.neck.norm_cfg': {'type': 'BN'},
