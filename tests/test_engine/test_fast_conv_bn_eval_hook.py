@@ -61,8 +61,9 @@ def test_gradient_accumulation(tmp_path):
         demo_cfg(tmp_path / 'on', max_iters=4, fast_conv_bn_eval=True, **opts)
     )
     # two accumulated iterations make one step: the first two losses are
-    # computed with the same weights
-    _close(on[:2], off[:2], rtol=1e-6)
+    # computed with the same weights (float32 rounding of 20 folded layers
+    # moves a loss by up to ~1e-5 relative)
+    _close(on[:2], off[:2], rtol=2e-5)
     _close(on, off, rtol=2e-2)
 
 

@@ -20,6 +20,7 @@ from mmtune.testing import (
 mmdet = pytest.importorskip('mmdet')
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
+from mmengine.registry import DefaultScope  # noqa: E402
 
 register_all_modules()
 
@@ -28,7 +29,9 @@ BACKBONES = MMDET_BACKBONES
 
 def _build(cfg):
     torch.manual_seed(0)
-    model = MODELS.build(cfg)
+    # other tests may leave another default scope current
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg)
     randomize_bn(model)
     return model.double()
 
@@ -59,7 +62,8 @@ def _detector(config):
     cfg = get_config(f'mmdet::{config}')
     cfg.model.backbone.init_cfg = None
     torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
     randomize_bn(model)
     return model
 
