@@ -1,0 +1,161 @@
+# Copyright (c) mmtune contributors. All rights reserved.
+"""The benchmark and check tools of tools/analysis_tools on a CPU.
+
+Small on purpose: the demo detector on a 4-image demo dataset of 96x64
+images, the benchmark with 2 timed steps per mode; a ResNet-18 classifier
+on 32x32 images for the check that must fail.
+"""
+
+import importlib.util
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip('mmdet')
+
+import mmtune.rewrite.tune_mode as tune_mode  # noqa: E402
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+TOOLS = osp.join(REPO, 'tools', 'analysis_tools')
+DEMO = osp.join(
+    REPO, 'configs', 'demo', 'faster-rcnn_r18_fpn_80iter_demo-coco.py'
+)
+CLS = osp.join(
+    REPO, 'configs', 'benchmark', 'resnet50_8xb64_finetune-cls-224.py'
+)
+# a 4-image demo dataset of 96x64 images, loaded at that size
+SMALL_DEMO = [
+    '--cfg-options',
+    'demo_data.num_train=4',
+    'demo_data.num_val=1',
+    'demo_data.img_size=(96,64)',
+    'train_dataloader.dataset.pipeline.2.scale=(96,64)',
+]
+SMALL_CLS = [
+    '--img-size',
+    '32',
+    '32',
+    '--cfg-options',
+    'model.backbone.depth=18',
+    'model.in_channels=512',
+    'model.num_classes=10',
+]
+
+
+@pytest.fixture(scope='module')
+def demo_env(tmp_path_factory):
+    """The demo dataset goes to a temporary folder."""
+    root = str(tmp_path_factory.mktemp('data') / 'demo_coco')
+    old = os.environ.get('MMTUNE_DEMO_DATA')
+    os.environ['MMTUNE_DEMO_DATA'] = root
+    yield dict(os.environ)
+    if old is None:
+        del os.environ['MMTUNE_DEMO_DATA']
+    else:
+        os.environ['MMTUNE_DEMO_DATA'] = old
+
+
+@pytest.fixture(scope='module')
+def check_tool():
+    """The check tool imported as a module (its main() returns the status)."""
+    path = osp.join(TOOLS, 'check_fast_conv_bn_eval.py')
+    spec = importlib.util.spec_from_file_location('check_tool', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_demo_cpu(tmp_path, demo_env):
+    out = tmp_path / 'out'
+    proc = subprocess.run(
+        [
+            sys.executable,
+            osp.join(TOOLS, 'benchmark_fast_conv_bn_eval.py'),
+            DEMO,
+            '--steps',
+            '2',
+            '--warmup',
+            '1',
+            '--round-steps',
+            '1',
+            '--batch-size',
+            '1',
+            '--device',
+            'cpu',
+            '--out-dir',
+            str(out),
+            *SMALL_DEMO,
+        ],
+        cwd=REPO,
+        env=demo_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    log = proc.stdout
+    assert 'batch: CocoDataset (train dataloader)' in log
+    for key in ('torch:', 'device_name:', 'precision: fp32'):
+        assert key in log
+    assert '| mode | saved for backward (MiB) | ratio to eval |' in log
+
+    record = json.loads((out / 'benchmark.json').read_text())
+    assert record['environment']['batch_shape'] == [1, 3, 64, 96]
+    results = {r['mode']: r for r in record['results']}
+    assert list(results) == ['eval', 'tune', 'mmengine']
+    for mode, result in results.items():
+        assert result['error'] is None, (mode, result['error'])
+        assert len(result['step_ms']) == 2
+        assert result['memory']['saved_for_backward_mib'] > 0
+    assert results['eval']['pairs_converted'] == 0
+    # ResNet-18: 20 Conv+BN pairs; mmengine's rewrite covers the backbone
+    assert results['tune']['pairs_converted'] == 20
+    assert results['mmengine']['pairs_converted'] == 20
+
+    table = (out / 'benchmark.md').read_text()
+    assert '| tune |' in table and 'Command: `python' in table
+    png = (out / 'benchmark.png').read_bytes()
+    assert png.startswith(b'\x89PNG') and len(png) > 1000
+
+
+def test_check_passes_on_demo(check_tool, demo_env, capsys):
+    status = check_tool.main([DEMO, '--batch-size', '1', *SMALL_DEMO])
+    log = capsys.readouterr().out
+    assert status == 0, log[-5000:]
+    assert 'batch: CocoDataset (train dataloader)' in log
+    assert '20 Conv+BN pairs converted, 0 skipped' in log
+    assert 'run-time check: 20 Conv->BN pairs computed, 20 of them ' in log
+    assert log.count(': match') == 3
+    assert 'OK: tune mode matches eval mode' in log
+
+
+def test_check_fails_on_a_wrong_fold(check_tool, monkeypatch, capsys):
+    fold = tune_mode.fold_conv_bn
+
+    def wrong_fold(*args, **kwargs):
+        weight, bias = fold(*args, **kwargs)
+        return weight, bias + 1e-3
+
+    monkeypatch.setattr(tune_mode, 'fold_conv_bn', wrong_fold)
+    status = check_tool.main([CLS, '--batch-size', '2', *SMALL_CLS])
+    log = capsys.readouterr().out
+    assert status == 1, log[-5000:]
+    assert "mode='tensor': output 0: relative error" in log
+    assert "mode='loss': loss: relative error" in log
+    assert 'FAILED' in log
+
+
+def test_check_classifier_and_bad_arguments(check_tool, capsys):
+    status = check_tool.main([CLS, '--dtype', 'float32', *SMALL_CLS])
+    log = capsys.readouterr().out
+    assert status == 0, log[-5000:]
+    assert 'synthetic 32x32 (asked for)' in log
+    assert 'rtol: 0.001' in log
+    assert check_tool.main([CLS, '--rtol', '-1']) == 2
+    assert check_tool.main([CLS, '--dtype', 'float16']) == 2
+    assert check_tool.main(['no/such/config.py']) == 2
