@@ -51,10 +51,10 @@ class TuneConvModule:
         self.fold_state = FoldState()
 
     def __getstate__(self):
-        return {'module': self.module, 'fold_state': self.fold_state}
+        return {'module': self.module}
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.__init__(state['module'])
 
     def _fold_now(self, norm: bool, index: int) -> bool:
         m = self.module

@@ -11,7 +11,7 @@ the conv output ``z`` for the BN's backward. Done once under ``no_grad``
 ("deploy mode"), it removes the BN for inference.
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -102,59 +102,6 @@ def fold_conv_bn(
         bias = torch.addcmul(bn_bias, scale, shift)
     dtype = conv_weight.dtype
     return weight.to(dtype), bias.to(dtype)
-
-
-def fold_conv_bn_foreach(
-    conv_weights: Sequence[Tensor],
-    conv_biases: Optional[Sequence[Tensor]],
-    running_means: Sequence[Tensor],
-    inv_stds: Sequence[Tensor],
-    bn_weights: Optional[Sequence[Tensor]],
-    bn_biases: Optional[Sequence[Tensor]],
-) -> Tuple[List[Tensor], List[Tensor]]:
-    """:func:`fold_conv_bn` for many (non-transposed) convs at once.
-
-    The same arithmetic, element for element, in a handful of ``foreach``
-    operations whatever the number of pairs: autograd records a few nodes
-    instead of a few per pair, which is what makes tune mode cheaper than
-    eval mode for the CPU that drives a GPU. A folded tensor that is not
-    used gets no gradient, so the parameters of an unused pair keep
-    ``grad=None`` as in eval mode.
-
-    Args:
-        conv_weights (list[Tensor]): Conv weights, all with the same number
-            of dimensions, dtype and device.
-        conv_biases (list[Tensor], optional): Their biases; None if no conv
-            has one (all or none).
-        running_means (list[Tensor]): The BN running means.
-        inv_stds (list[Tensor]): ``1 / sqrt(running_var + eps)`` of the BNs.
-        bn_weights (list[Tensor], optional): ``gamma`` of each BN; None if
-            none is affine (all or none).
-        bn_biases (list[Tensor], optional): ``beta`` of each BN; None if
-            none is affine.
-
-    Returns:
-        tuple[list[Tensor], list[Tensor]]: The folded weights and biases.
-    """
-    shape = (-1,) + (1,) * (conv_weights[0].dim() - 1)
-    inv_stds_nd = [s.view(shape) for s in inv_stds]
-    if bn_weights is None:
-        scales, scales_nd = list(inv_stds), inv_stds_nd
-    else:
-        scales = torch._foreach_mul(list(bn_weights), list(inv_stds))
-        scales_nd = torch._foreach_mul(
-            [g.view(shape) for g in bn_weights], inv_stds_nd
-        )
-    weights = torch._foreach_mul(list(conv_weights), scales_nd)
-    if conv_biases is None:
-        shifts = torch._foreach_neg(list(running_means))
-    else:
-        shifts = torch._foreach_sub(list(conv_biases), list(running_means))
-    if bn_biases is None:
-        biases = torch._foreach_mul(scales, shifts)
-    else:
-        biases = torch._foreach_addcmul(list(bn_biases), scales, shifts)
-    return weights, biases
 
 
 def conv_forward_with(

@@ -35,12 +35,6 @@ from .analysis import (
     instance_forward,
     is_mmtune_forward,
 )
-from .fold_batch import (
-    FoldBatch,
-    batch_fold_allowed,
-    bn_uses_running_stats,
-    make_fold_batches,
-)
 from .report import ConvBNReport, SkipRecord
 
 _CALL_IMPL_CODES = frozenset(
@@ -66,6 +60,15 @@ _GLOBAL_HOOK_DICTS = tuple(
 def _compiling() -> bool:
     compiler = getattr(torch, 'compiler', None)
     return bool(compiler is not None and compiler.is_compiling())
+
+
+def bn_uses_running_stats(bn: nn.Module) -> bool:
+    """Whether ``bn`` normalises with its running statistics right now."""
+    return (
+        not bn.training
+        and bn.running_mean is not None
+        and bn.running_var is not None
+    )
 
 
 def hooks_free(conv: nn.Module, bn: nn.Module) -> bool:
@@ -112,21 +115,10 @@ class FoldState:
     layers) the folded weight and bias are cached too while no input
     changed, so such forwards cost one convolution; for trainable layers the
     cache is dropped at the next forward with autograd so that it costs no
-    memory in training. With autograd recording, a pair that belongs to a
-    :class:`FoldBatch` takes its folded tensors from there.
+    memory in training.
     """
 
     def __init__(self):
-        self.batch: Optional[FoldBatch] = None
-        self.batch_index = -1
-        self.clear()
-
-    def __getstate__(self):
-        # caches are not copied (deepcopy for EMA, pickling)
-        return {'batch': self.batch, 'batch_index': self.batch_index}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
         self.clear()
 
     def clear(self) -> None:
@@ -192,11 +184,6 @@ class FoldState:
         self, conv: nn.Module, bn: nn.Module, x: Tensor, output_size=None
     ) -> Tensor:
         """``bn(conv(x))`` for an eval-mode ``bn``, as one convolution."""
-        if self.batch is not None and batch_fold_allowed():
-            folded = self.batch.take(self.batch_index)
-            if folded is not None:
-                self._folded = self._folded_stamp = None
-                return conv_forward_with(conv, x, *folded, output_size)
         weight, bias = self.fold(conv, bn)
         return conv_forward_with(conv, x, weight, bias, output_size)
 
@@ -226,16 +213,14 @@ class TunePair:
         self.disabled = False
         self._reset()
 
-        self.fold_state = FoldState()
-        self._reset()
-
     def _reset(self) -> None:
         self.pending: Optional[Tensor] = None
+        self.fold_state = FoldState()
         self.codes = frame_codes(self.frame_cls)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for key in ('pending', 'codes'):
+        for key in ('pending', 'fold_state', 'codes'):
             state.pop(key, None)
         return state
 
@@ -327,37 +312,18 @@ def _resolve_roots(
     return roots
 
 
-def _install(pair: Pair) -> Optional[FoldState]:
-    """Put one pair in tune mode; returns its fold state, or None if it
-    already was in tune mode."""
+def _install(pair: Pair) -> bool:
+    """Put one pair in tune mode; False if it already was."""
     if pair.handler is not None:
-        if not pair.handler.turn_on(pair.frame):
-            return None
-        runtime = getattr(instance_forward(pair.frame), '__self__', None)
-        return getattr(runtime, 'fold_state', None)
+        return pair.handler.turn_on(pair.frame)
     if is_mmtune_forward(instance_forward(pair.conv)):
-        return None
+        return False
     runtime = TunePair(
         pair.conv, pair.bn, type(pair.frame), pair.conv_name, pair.bn_name
     )
     pair.conv.forward = runtime.conv_forward
     pair.bn.forward = runtime.bn_forward
-    return runtime.fold_state
-
-
-def _batch_folds(pairs: List[Pair], states: List[FoldState]) -> None:
-    """Let the newly converted pairs fold together (not transposed convs:
-    their weight layout differs)."""
-    chosen = [
-        (pair, state)
-        for pair, state in zip(pairs, states)
-        if not getattr(pair.conv, 'transposed', False)
-    ]
-    members = [(pair.conv, pair.bn) for pair, _ in chosen]
-    for batch, positions in make_fold_batches(members):
-        for index, position in enumerate(positions):
-            state = chosen[position][1]
-            state.batch, state.batch_index = batch, index
+    return True
 
 
 def turn_on_fast_conv_bn_eval(
@@ -383,16 +349,10 @@ def turn_on_fast_conv_bn_eval(
     roots = _resolve_roots(model, modules)
     analysis: Analysis = analyse(model, roots)
     report = ConvBNReport(mode='tune', skipped=list(analysis.skipped))
-    new_pairs, new_states = [], []
     for pair in analysis.pairs:
-        state = _install(pair)
-        if state is None:
+        if not _install(pair):
             report.already_on += 1
-        else:
-            new_pairs.append(pair)
-            new_states.append(state)
         report.converted.append((pair.conv_name, pair.bn_name))
-    _batch_folds(new_pairs, new_states)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -421,6 +381,5 @@ __all__ = [
     'turn_off_fast_conv_bn_eval',
     'TunePair',
     'FoldState',
-    'FoldBatch',
     'SkipRecord',
 ]

@@ -2,8 +2,7 @@
 """Benchmark tune mode against eval mode and the alternatives, side by side.
 
     python tools/analysis_tools/benchmark_fast_conv_bn_eval.py CONFIG \\
-        [--modes eval tune tune-per-pair mmengine compile compile-fx-pass
-                 tune-compile] \\
+        [--modes eval tune mmengine compile compile-fx-pass tune-compile] \\
         [--steps 15] [--warmup 5] [--batch-size N] [--img-size H W] \\
         [--amp {none,fp16,bf16}] [--synthetic] [--device cuda|cpu] \\
         [--out-dir DIR] [--cudnn-benchmark] [--cfg-options ...]
@@ -15,9 +14,6 @@ statistics) on the same batch, one ``model.train_step`` per step
 
 - ``eval``: nothing rewritten (the baseline);
 - ``tune``: :func:`mmtune.turn_on_fast_conv_bn_eval` on the whole model;
-- ``tune-per-pair``: the same with each pair folding on its own (no
-  :class:`~mmtune.rewrite.fold_batch.FoldBatch`), to see what batching the
-  folds saves;
 - ``mmengine``: mmengine's ``turn_on_efficient_conv_bn_eval`` on the
   modules of the config's ``efficient_conv_bn_eval`` key, else
   ``['backbone']`` (it fx-traces each module as a whole);
@@ -56,14 +52,12 @@ from mmengine.logging import MMLogger
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import MODELS, init_default_scope
 
-import mmtune.rewrite.fold_batch as fold_batch
 from mmtune import turn_on_fast_conv_bn_eval
 from mmtune.testing import randomize_bn
 
 MODES = (
     'eval',
     'tune',
-    'tune-per-pair',
     'mmengine',
     'compile',
     'compile-fx-pass',
@@ -414,13 +408,6 @@ def setup_mode(run: ModeRun, cfg: Config, args, batch: dict) -> None:
     mode = run.mode
     if mode in ('tune', 'tune-compile'):
         run.pairs = len(turn_on_fast_conv_bn_eval(model).converted)
-    elif mode == 'tune-per-pair':
-        chunk_size = fold_batch.CHUNK_SIZE
-        fold_batch.CHUNK_SIZE = 0
-        try:
-            run.pairs = len(turn_on_fast_conv_bn_eval(model).converted)
-        finally:
-            fold_batch.CHUNK_SIZE = chunk_size
     elif mode == 'mmengine':
         run.pairs = turn_on_mmengine(cfg, model)
     else:
