@@ -159,3 +159,29 @@ def test_check_classifier_and_bad_arguments(check_tool, capsys):
     assert check_tool.main([CLS, '--rtol', '-1']) == 2
     assert check_tool.main([CLS, '--dtype', 'float16']) == 2
     assert check_tool.main(['no/such/config.py']) == 2
+
+
+def test_profile_tool_cpu():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            osp.join(TOOLS, 'profile_fast_conv_bn_eval.py'),
+            CLS,
+            '--device',
+            'cpu',
+            '--steps',
+            '1',
+            '--rows',
+            '3',
+            '--cfg-options',
+            'synthetic_input.img_size=(32,32)',
+            *SMALL_CLS[4:],
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '##### eval: GPU kernel time per step' in proc.stdout
+    assert '##### tune: GPU kernel time per step' in proc.stdout
