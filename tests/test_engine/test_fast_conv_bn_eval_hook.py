@@ -230,3 +230,23 @@ def test_train_tool_rejects_bad_value(tmp_path):
     assert "fast_conv_bn_eval must be True or False, got 'maybe'" in (
         proc.stderr
     )
+
+
+def test_compile_in_config(tmp_path):
+    """``compile=...`` in the config: mmengine wraps ``train_step`` in
+    ``torch.compile`` before the hook rewrites the model; dynamo traces the
+    rewritten forward at the first step. (``aot_eager`` keeps the test
+    short on a CPU; inductor on tune mode is covered in test_rewrite.)"""
+    compile_cfg = dict(backend='aot_eager')
+    _, off = run_training(demo_cfg(tmp_path / 'off', max_iters=2))
+    runner, on = run_training(
+        demo_cfg(
+            tmp_path / 'on',
+            max_iters=2,
+            fast_conv_bn_eval=True,
+            compile=compile_cfg,
+        )
+    )
+    assert 'forward' in runner.model.backbone.conv1.__dict__
+    _close(on[:1], off[:1], rtol=2e-5)
+    _close(on, off, rtol=2e-2)
