@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mmtune import turn_off_fast_conv_bn_eval, turn_on_fast_conv_bn_eval
-from mmtune.testing import compare_models, randomize_bn
+from mmtune.testing import compare_models, max_relative_error, randomize_bn
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 TCONVS = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -90,18 +90,83 @@ def test_forward_backward_step_matches_eval(case):
     assert compare_models(ref, tuned, x, rtol=1e-5) == []
 
 
+AUTOCAST_CASES = [
+    # dim, bias, affine, groups, padding_mode, transposed
+    (2, True, True, 1, 'zeros', False),
+    (1, False, True, 1, 'zeros', False),
+    (2, False, False, 2, 'reflect', False),
+    (3, True, False, 1, 'zeros', False),
+    (2, False, True, 1, 'zeros', True),
+    (2, True, True, 2, 'zeros', True),  # grouped transposed: plain fold
+]
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize('dim', [1, 2])
-def test_autocast_matches_eval(dim, dtype):
-    case = (dim, True, True, 1, 'zeros', False)
+@pytest.mark.parametrize(
+    'case',
+    AUTOCAST_CASES,
+    ids=['-'.join(map(str, c)) for c in AUTOCAST_CASES],
+)
+def test_autocast_matches_eval(case, dtype):
+    """Under autocast tune mode is as accurate as eval mode.
+
+    Both round differently in low precision, so each is compared with
+    the float64 result: tune mode's error may not exceed three times eval
+    mode's, or the dtype's floor where eval mode happens to be closer.
+    """
+    if dtype == torch.float16 and not _cpu_autocast_supports(dtype):
+        pytest.skip('this torch has no float16 CPU autocast')
     ref = _build(case).eval()
     tuned = copy.deepcopy(ref)
     turn_on_fast_conv_bn_eval(tuned)
-    x = [_input(dim)]
-    if dtype == torch.float16 and not _cpu_autocast_supports(dtype):
-        pytest.skip('this torch has no float16 CPU autocast')
+    truth = copy.deepcopy(ref).double()
+    x = _input(case[0])
+    expected = _output_and_grads(truth, x.double(), None)
+    evals = _output_and_grads(ref, x, dtype)
+    tunes = _output_and_grads(tuned, x, dtype)
+    floor = 3e-2 if dtype == torch.bfloat16 else 2e-2
+    for name, want in expected.items():
+        err_eval = max_relative_error(evals[name], want)
+        err_tune = max_relative_error(tunes[name], want)
+        assert err_tune <= max(3 * err_eval, floor), (name, err_tune, err_eval)
+    # Under autocast the fold runs as BN kernels and writes the bias in
+    # the autocast dtype (no cast), except where it cannot.
+    state = tuned.conv.forward.__self__.fold_state
     with torch.autocast('cpu', dtype=dtype):
-        # low-precision rounding differs between one conv and conv+BN
+        weight, bias = state.fold(tuned.conv, tuned.bn)
+    grouped_transposed = case[5] and case[3] > 1
+    if case[1] or grouped_transposed:  # a conv bias keeps its dtype
+        assert bias.dtype == torch.float32
+    else:
+        assert bias.dtype == dtype
+    assert weight.requires_grad
+
+
+def _output_and_grads(model, x, dtype):
+    model.zero_grad()
+    with torch.autocast(
+        'cpu', dtype=dtype or torch.bfloat16, enabled=bool(dtype)
+    ):
+        out = model(x)
+    probe = torch.linspace(-1, 1, out.numel(), dtype=torch.float64)
+    (out.double() * probe.view(out.shape)).sum().backward()
+    result = {'output': out.detach().double()}
+    for name, p in model.named_parameters():
+        result['grad of ' + name] = p.grad.detach().double()
+    return result
+
+
+def test_inference_mode_then_training():
+    """Tensors made under inference_mode must not leak into training."""
+    case = (2, False, True, 1, 'zeros', False)
+    ref = _build(case).eval()
+    tuned = copy.deepcopy(ref)
+    turn_on_fast_conv_bn_eval(tuned)
+    x = [_input(2)]
+    with torch.inference_mode():
+        torch.testing.assert_close(tuned(x[0]), ref(x[0]))
+    assert compare_models(ref, tuned, x, rtol=1e-5) == []
+    with torch.autocast('cpu', dtype=torch.bfloat16):
         assert compare_models(ref, tuned, x, rtol=3e-2) == []
 
 
