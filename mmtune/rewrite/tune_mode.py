@@ -26,14 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 
-from ..ops import (
-    autocast_dtype,
-    bn_fold_supported,
-    bn_inv_std,
-    conv_forward_with,
-    fold_conv_bn,
-    fold_conv_bn_by_bn,
-)
+from ..ops import bn_inv_std, conv_forward_with, fold_conv_bn
 from .analysis import (
     Analysis,
     Pair,
@@ -117,24 +110,18 @@ def _key(t: Optional[Tensor]):
 class FoldState:
     """Computes a pair's tune-mode forward, caching what it safely can.
 
-    With autograd recording (training) the fold is differentiable. Under
-    autocast it runs as two eval-mode batch-norm kernels
-    (:func:`~mmtune.ops.fold_conv_bn_by_bn`), which writes the folded bias
-    in the autocast dtype and so saves a cast and its backward; otherwise
-    as plain tensor operations, with ``1 / sqrt(var + eps)`` cached while
-    the running variance is unchanged. (Measured on an H200: each form is
-    the faster one where it is used.) When nothing needs gradients
-    (validation, inference, frozen layers) the folded weight and bias are
-    cached while no input changed, so such forwards cost one convolution;
-    the cache is dropped at the next forward with autograd so that it costs
-    no memory in training.
+    ``1 / sqrt(var + eps)`` is cached while the running variance is
+    unchanged. When nothing needs gradients (validation, inference, frozen
+    layers) the folded weight and bias are cached too while no input
+    changed, so such forwards cost one convolution; for trainable layers the
+    cache is dropped at the next forward with autograd so that it costs no
+    memory in training.
     """
 
     def __init__(self):
         self.clear()
 
     def clear(self) -> None:
-        self._zeros = {}
         self._inv_std = self._inv_std_stamp = self._inv_std_eps = None
         self._folded = self._folded_stamp = self._folded_eps = None
 
@@ -153,36 +140,6 @@ class FoldState:
         self._inv_std_eps = bn.eps
         return inv_std
 
-    def _zeros_like(self, ref: Tensor, shape, dtype) -> Tensor:
-        key = (tuple(shape), dtype, ref.device)
-        zeros = self._zeros.get(key)
-        if zeros is None:
-            zeros = torch.zeros(shape, dtype=dtype, device=ref.device)
-            self._zeros[key] = zeros
-        return zeros
-
-    def _fold_by_bn(self, conv: nn.Module, bn: nn.Module):
-        weight, mean = conv.weight, bn.running_mean
-        if conv.bias is not None:
-            bias_input = conv.bias
-        else:
-            dtype = weight.dtype
-            if dtype != torch.float64:  # autocast leaves float64 alone
-                dtype = autocast_dtype(weight.device.type) or dtype
-            bias_input = self._zeros_like(weight, (1, mean.numel()), dtype)
-        return fold_conv_bn_by_bn(
-            weight,
-            conv.bias,
-            mean,
-            bn.running_var,
-            bn.weight,
-            bn.bias,
-            bn.eps,
-            self._zeros_like(mean, mean.shape, mean.dtype),
-            bias_input,
-            conv.transposed,
-        )
-
     def fold(self, conv: nn.Module, bn: nn.Module) -> Tuple[Tensor, Tensor]:
         """The folded weight and bias of ``conv`` and ``bn``."""
         tensors = (
@@ -195,36 +152,35 @@ class FoldState:
         )
         if _compiling():
             return fold_conv_bn(*tensors, bn.eps, conv.transposed, conv.groups)
+        stamped = tensors + (bn.num_batches_tracked,)
         # Without autograd there is no graph to rebuild, so the folded
         # tensors can be reused until an input changes: in validation, and
         # for frozen layers (frozen_stages) in training.
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors
-        ):
+        cacheable = not torch.is_inference_mode_enabled() and not (
+            torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in tensors)
+        )
+        if not cacheable:
             self._folded = self._folded_stamp = None
-            if autocast_dtype(conv.weight.device.type) is not None and (
-                _bn_fold_applies(conv, tensors)
-            ):
-                return self._fold_by_bn(conv, bn)
-            return fold_conv_bn(
-                *tensors,
-                bn.eps,
-                conv.transposed,
-                conv.groups,
-                inv_std=self._get_inv_std(bn),
-            )
-        if torch.is_inference_mode_enabled():
-            return fold_conv_bn(*tensors, bn.eps, conv.transposed, conv.groups)
-        stamped = tensors + (bn.num_batches_tracked,)
-        if (
+        elif (
             self._folded_stamp is not None
             and self._folded_stamp.matches(stamped)
             and self._folded_eps == bn.eps
         ):
             return self._folded
-        folded = fold_conv_bn(*tensors, bn.eps, conv.transposed, conv.groups)
-        self._folded, self._folded_stamp = folded, _Stamp(stamped)
-        self._folded_eps = bn.eps
+        # An inference tensor cached now could not be saved for backward
+        # in a later training forward: inference mode gets no cache.
+        inference = torch.is_inference_mode_enabled()
+        folded = fold_conv_bn(
+            *tensors,
+            bn.eps,
+            conv.transposed,
+            conv.groups,
+            inv_std=None if inference else self._get_inv_std(bn),
+        )
+        if cacheable:
+            self._folded, self._folded_stamp = folded, _Stamp(stamped)
+            self._folded_eps = bn.eps
         return folded
 
     def forward(
@@ -233,26 +189,6 @@ class FoldState:
         """``bn(conv(x))`` for an eval-mode ``bn``, as one convolution."""
         weight, bias = self.fold(conv, bn)
         return conv_forward_with(conv, x, weight, bias, output_size)
-
-
-def _bn_fold_applies(conv: nn.Module, tensors) -> bool:
-    """Whether the batch-norm-kernel fold computes this pair.
-
-    It needs a weight layout it handles, one dtype and one device for all
-    tensors (the BN kernels take no mixed parameters), and plain tensors.
-    """
-    if not bn_fold_supported(conv.transposed, conv.groups):
-        return False
-    weight = conv.weight
-    return all(
-        t is None
-        or (
-            type(t) in (Tensor, nn.Parameter)
-            and t.dtype == weight.dtype
-            and t.device == weight.device
-        )
-        for t in tensors
-    )
 
 
 class TunePair:

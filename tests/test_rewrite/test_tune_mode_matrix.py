@@ -97,7 +97,7 @@ AUTOCAST_CASES = [
     (2, False, False, 2, 'reflect', False),
     (3, True, False, 1, 'zeros', False),
     (2, False, True, 1, 'zeros', True),
-    (2, True, True, 2, 'zeros', True),  # grouped transposed: plain fold
+    (2, True, True, 2, 'zeros', True),
 ]
 
 
@@ -129,17 +129,6 @@ def test_autocast_matches_eval(case, dtype):
         err_eval = max_relative_error(evals[name], want)
         err_tune = max_relative_error(tunes[name], want)
         assert err_tune <= max(3 * err_eval, floor), (name, err_tune, err_eval)
-    # Under autocast the fold runs as BN kernels and writes the bias in
-    # the autocast dtype (no cast), except where it cannot.
-    state = tuned.conv.forward.__self__.fold_state
-    with torch.autocast('cpu', dtype=dtype):
-        weight, bias = state.fold(tuned.conv, tuned.bn)
-    grouped_transposed = case[5] and case[3] > 1
-    if case[1] or grouped_transposed:  # a conv bias keeps its dtype
-        assert bias.dtype == torch.float32
-    else:
-        assert bias.dtype == dtype
-    assert weight.requires_grad
 
 
 def _output_and_grads(model, x, dtype):
