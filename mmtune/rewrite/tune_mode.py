@@ -136,6 +136,10 @@ class FoldState:
         ):
             return self._inv_std
         inv_std = bn_inv_std(bn.running_var, bn.eps)
+        if torch.is_inference_mode_enabled():
+            # an inference tensor could not be saved for backward by a
+            # later training forward: use it now, do not keep it
+            return inv_std
         self._inv_std, self._inv_std_stamp = inv_std, _Stamp(stats)
         self._inv_std_eps = bn.eps
         return inv_std
@@ -168,15 +172,12 @@ class FoldState:
             and self._folded_eps == bn.eps
         ):
             return self._folded
-        # An inference tensor cached now could not be saved for backward
-        # in a later training forward: inference mode gets no cache.
-        inference = torch.is_inference_mode_enabled()
         folded = fold_conv_bn(
             *tensors,
             bn.eps,
             conv.transposed,
             conv.groups,
-            inv_std=None if inference else self._get_inv_std(bn),
+            inv_std=self._get_inv_std(bn),
         )
         if cacheable:
             self._folded, self._folded_stamp = folded, _Stamp(stamped)
