@@ -43,8 +43,10 @@ class ConvBNAct(nn.Module):
         self.bn = BNS[dim](6, affine=affine)
         self.head = CONVS[dim](6, 3, 1)
 
+    act = staticmethod(torch.relu)
+
     def forward(self, x):
-        return self.head(torch.relu(self.bn(self.conv(x))))
+        return self.head(self.act(self.bn(self.conv(x))))
 
 
 def _cases():
@@ -121,13 +123,12 @@ def test_autocast_matches_eval(case, dtype):
     """
     if dtype == torch.float16 and not _cpu_autocast_supports(dtype):
         pytest.skip('this torch has no float16 CPU autocast')
-    if dtype == torch.float16 and case[5] and case[3] > 1:
-        pytest.xfail(
-            'open: grouped transposed conv under float16 CPU autocast, '
-            'tune-mode conv.weight gradient 0.10 from float64 where eval '
-            'mode is 5e-4 (found 2026-12-02, not yet explained)'
-        )
     ref = _build(case).eval()
+    # A smooth activation: at a ReLU, a pre-activation within rounding of
+    # zero flips its gradient mask in one mode and not in the other, an
+    # error of order one in either mode (seen with bf16 in eval mode and
+    # with fp16 in tune mode) that says nothing about the fold.
+    ref.act = torch.tanh
     tuned = copy.deepcopy(ref)
     turn_on_fast_conv_bn_eval(tuned)
     truth = copy.deepcopy(ref).double()
