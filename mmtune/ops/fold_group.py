@@ -1,0 +1,265 @@
+# Copyright (c) mmtune contributors. All rights reserved.
+"""Folding many Conv->BN pairs in one autograd node.
+
+:func:`fold_conv_bn` costs about four tensor operations per pair in the
+forward and about as many autograd nodes in the backward. A training step on
+a GPU mostly waits for the CPU to launch operations, so those per-pair
+operations cost more time than eval mode's batch norm. Here the pairs of a
+group are folded together: all weights as one flat vector scaled by the
+per-output-channel factor repeated along each row, all biases as one vector,
+and one backward computes every gradient with a dozen kernels whatever the
+number of pairs. The values are those of :func:`fold_conv_bn`, element for
+element; the gradients are the same sums, accumulated in another order.
+
+The pairs' weights must be contiguous and have their output channels on
+dimension 0 (not transposed convs).
+"""
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .conv_bn import fold_conv_bn
+
+
+class FoldGroupPlan:
+    """What a group's fold needs besides the parameters.
+
+    Args:
+        shapes (list[torch.Size]): The conv weights' shapes.
+        device (torch.device): Where the weights are.
+        out_dtype (torch.dtype): The dtype of the folded tensors (the conv
+            weights', or autocast's).
+        names (list[str], optional): Pair names for error messages.
+    """
+
+    def __init__(
+        self,
+        shapes: Sequence[torch.Size],
+        device: torch.device,
+        out_dtype: torch.dtype,
+        names: Optional[Sequence[str]] = None,
+    ):
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.numels = [s.numel() for s in self.shapes]
+        self.channels = [s[0] for s in self.shapes]
+        self.total = sum(self.numels)
+        self.out_dtype = out_dtype
+        self.names = list(names) if names is not None else None
+        # elements per output channel, one entry per row of every weight
+        self.row_lengths = torch.tensor(
+            [n // c for n, c in zip(self.numels, self.channels) for _ in range(c)],
+            dtype=torch.long,
+            device=device,
+        )
+
+
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _per_row(values: Tensor, plan: FoldGroupPlan) -> Tensor:
+    return values.repeat_interleave(plan.row_lengths, output_size=plan.total)
+
+
+class _FoldGroup(torch.autograd.Function):
+    """Inputs: plan, n, then n weights, n conv biases (or None), n gammas
+    (or None), n betas (or None), then running means and inverse stds as
+    two flat vectors. Outputs: n folded weights and one flat folded bias."""
+
+    @staticmethod
+    def forward(ctx, plan, n, *tensors):
+        weights = tensors[:n]
+        biases, gammas, betas = (
+            tensors[n : 2 * n],
+            tensors[2 * n : 3 * n],
+            tensors[3 * n : 4 * n],
+        )
+        mean, inv_std = tensors[4 * n], tensors[4 * n + 1]
+        scale = inv_std if gammas[0] is None else _flat(gammas) * inv_std
+        shift = mean.neg() if biases[0] is None else _flat(biases) - mean
+        flat_w = _flat(weights)
+        folded_w = flat_w * _per_row(scale, plan)
+        if betas[0] is None:
+            folded_b = scale * shift
+        else:
+            folded_b = torch.addcmul(_flat(betas), scale, shift)
+        folded_w = folded_w.to(plan.out_dtype)
+        folded_b = folded_b.to(plan.out_dtype)
+        ctx.plan, ctx.n = plan, n
+        ctx.inputs = tensors
+        ctx.weight_versions = [w._version for w in weights]
+        ctx.save_for_backward(scale, shift, inv_std)
+        ctx.set_materialize_grads(False)
+        outs = [
+            t.view(s) for t, s in zip(folded_w.split(plan.numels), plan.shapes)
+        ]
+        return (*outs, folded_b)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        plan, n = ctx.plan, ctx.n
+        weights = ctx.inputs[:n]
+        for i, (w, version) in enumerate(zip(weights, ctx.weight_versions)):
+            if w._version != version:
+                name = plan.names[i] if plan.names else f'#{i}'
+                raise RuntimeError(
+                    'one of the variables needed for gradient computation '
+                    'has been modified by an inplace operation: the weight '
+                    f'of conv {name} is at version {w._version}; expected '
+                    f'version {version} instead.'
+                )
+        if torch.is_grad_enabled():  # create_graph=True: differentiable
+            return (None, None) + _fold_group_backward_autograd(ctx, grads)
+        grad_ws, grad_b = grads[:n], grads[n]
+        used = [g is not None for g in grad_ws]
+        if not any(used):
+            return (None,) * (2 + 4 * n + 2)
+        scale, shift, inv_std = ctx.saved_tensors
+        dtype = scale.dtype
+        grad_flat_w = torch.cat(
+            [
+                scale.new_zeros(numel) if g is None else g.reshape(-1)
+                for g, numel in zip(grad_ws, plan.numels)
+            ]
+        ).to(dtype)
+        if grad_b is None:
+            grad_b = scale.new_zeros(scale.shape)
+        grad_b = grad_b.to(dtype)
+        needs = ctx.needs_input_grad[2:]
+        need_w = any(needs[:n])
+        need_b = any(needs[n : 2 * n])
+        need_gamma = any(needs[2 * n : 3 * n])
+        need_beta = any(needs[3 * n : 4 * n])
+        grad_gamma = grad_w = grad_bias = None
+        if need_gamma:
+            rows = torch.segment_reduce(
+                _flat(weights).to(dtype).mul_(grad_flat_w),
+                'sum',
+                lengths=plan.row_lengths,
+                unsafe=True,
+            )
+            grad_gamma = torch.addcmul(rows, grad_b, shift).mul_(inv_std)
+        if need_w:
+            grad_w = grad_flat_w.mul_(_per_row(scale, plan))
+        if need_b:
+            grad_bias = grad_b * scale
+        # the engine casts each gradient to its input's dtype
+        out_w = _split(grad_w, plan, needs[:n], used, weight_shaped=True)
+        out_b = _split(grad_bias, plan, needs[n : 2 * n], used)
+        out_g = _split(grad_gamma, plan, needs[2 * n : 3 * n], used)
+        out_beta = _split(grad_b, plan, needs[3 * n : 4 * n], used)
+        return (None, None, *out_w, *out_b, *out_g, *out_beta, None, None)
+
+
+def _split(
+    flat: Optional[Tensor],
+    plan: FoldGroupPlan,
+    needs: Sequence[bool],
+    used: Sequence[bool],
+    weight_shaped: bool = False,
+) -> List[Optional[Tensor]]:
+    """Per-pair views of a flat gradient; None where not needed or where
+    the pair's folded weight got no gradient."""
+    if flat is None:
+        return [None] * len(needs)
+    sizes = plan.numels if weight_shaped else plan.channels
+    out: List[Optional[Tensor]] = []
+    for i, part in enumerate(flat.split(sizes)):
+        if not (needs[i] and used[i]):
+            out.append(None)
+        elif weight_shaped:
+            out.append(part.view(plan.shapes[i]))
+        else:
+            out.append(part)
+    return out
+
+
+def _fold_group_backward_autograd(ctx, grads) -> tuple:
+    """The backward as differentiable per-pair folds (double backward)."""
+    plan, n = ctx.plan, ctx.n
+    tensors = ctx.inputs
+    _, _, inv_std = ctx.saved_tensors
+    grad_ws, grad_b = grads[:n], grads[n]
+    offsets = [0]
+    for c in plan.channels:
+        offsets.append(offsets[-1] + c)
+    result: List[Optional[Tensor]] = [None] * (4 * n + 2)
+    mean = tensors[4 * n]
+    for i in range(n):
+        if grad_ws[i] is None:
+            continue
+        lo, hi = offsets[i], offsets[i + 1]
+        inputs = [tensors[k * n + i] for k in range(4)]
+        with torch.enable_grad():
+            w, b = fold_conv_bn(
+                inputs[0],
+                inputs[1],
+                mean[lo:hi],
+                None,
+                inputs[2],
+                inputs[3],
+                0.0,
+                inv_std=inv_std[lo:hi],
+            )
+        w, b = w.to(plan.out_dtype), b.to(plan.out_dtype)
+        wanted = [
+            (k, t) for k, t in enumerate(inputs) if t is not None
+            and ctx.needs_input_grad[2 + k * n + i]
+        ]
+        if not wanted:
+            continue
+        outs, gouts = [w], [grad_ws[i]]
+        if grad_b is not None:
+            outs.append(b)
+            gouts.append(grad_b[lo:hi])
+        got = torch.autograd.grad(
+            outs,
+            [t for _, t in wanted],
+            gouts,
+            create_graph=True,
+            allow_unused=True,
+        )
+        for (k, _), g in zip(wanted, got):
+            result[k * n + i] = g
+    return tuple(result)
+
+
+def fold_conv_bn_group(
+    plan: FoldGroupPlan,
+    weights: Sequence[Tensor],
+    biases: Sequence[Optional[Tensor]],
+    gammas: Sequence[Optional[Tensor]],
+    betas: Sequence[Optional[Tensor]],
+    mean: Tensor,
+    inv_std: Tensor,
+) -> Tuple[List[Tensor], Tensor]:
+    """Fold a group of Conv->eval-BN pairs at once.
+
+    Args:
+        plan (FoldGroupPlan): The group's shapes, device and output dtype.
+        weights (list[Tensor]): Contiguous conv weights, output channels on
+            dimension 0.
+        biases (list[Tensor | None]): The conv biases, all None or none.
+        gammas (list[Tensor | None]): BN weights, all None or none.
+        betas (list[Tensor | None]): BN biases, all None or none.
+        mean (Tensor): All pairs' running means, concatenated.
+        inv_std (Tensor): All pairs' ``1 / sqrt(var + eps)``, concatenated.
+
+    Returns:
+        tuple[list[Tensor], Tensor]: Each pair's folded weight (shaped as its
+        conv weight) and all folded biases as one vector, in
+        ``plan.out_dtype``. A pair whose folded weight gets no gradient gets
+        None for all its parameters, as in eval mode.
+    """
+    n = len(weights)
+    for seq, what in ((biases, 'biases'), (gammas, 'gammas'), (betas, 'betas')):
+        if len(seq) != n:
+            raise ValueError(f'{what}: expected {n} entries, got {len(seq)}')
+        if len({t is None for t in seq}) > 1:
+            raise ValueError(f'{what} must be all None or all tensors')
+    outs = _FoldGroup.apply(
+        plan, n, *weights, *biases, *gammas, *betas, mean, inv_std
+    )
+    return list(outs[:n]), outs[n]

@@ -1,0 +1,200 @@
+# Copyright (c) mmtune contributors. All rights reserved.
+"""fold_conv_bn_group equals fold_conv_bn pair by pair: values, every
+gradient (float64), unused pairs, frozen inputs, double backward and the
+in-place modification check."""
+
+import itertools
+
+import pytest
+import torch
+
+from mmtune.ops import FoldGroupPlan, bn_inv_std, fold_conv_bn, fold_conv_bn_group
+
+SHAPES = [(6, 4, 3, 3), (5, 2, 1, 1), (3, 6, 3), (4, 1, 2, 2, 2)]
+
+
+def _pairs(bias, affine, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, lo=-1.0, hi=1.0):
+        return (torch.rand(shape, generator=gen, dtype=dtype) * (hi - lo) + lo)
+
+    pairs = []
+    for shape in SHAPES:
+        c = shape[0]
+        pairs.append(
+            dict(
+                weight=rand(*shape).requires_grad_(),
+                bias=rand(c).requires_grad_() if bias else None,
+                mean=rand(c),
+                var=rand(c, lo=0.3, hi=2.0),
+                gamma=rand(c, lo=0.5, hi=1.5).requires_grad_() if affine else None,
+                beta=rand(c).requires_grad_() if affine else None,
+                eps=1e-5 * (1 + len(pairs)),
+            )
+        )
+    return pairs
+
+
+def _group(pairs, out_dtype=torch.float64):
+    plan = FoldGroupPlan(
+        [p['weight'].shape for p in pairs], torch.device('cpu'), out_dtype
+    )
+    mean = torch.cat([p['mean'] for p in pairs])
+    inv = torch.cat([bn_inv_std(p['var'], p['eps']) for p in pairs])
+    return fold_conv_bn_group(
+        plan,
+        [p['weight'] for p in pairs],
+        [p['bias'] for p in pairs],
+        [p['gamma'] for p in pairs],
+        [p['beta'] for p in pairs],
+        mean,
+        inv,
+    )
+
+
+def _single(pairs):
+    out = [
+        fold_conv_bn(
+            p['weight'], p['bias'], p['mean'], p['var'], p['gamma'],
+            p['beta'], p['eps'],
+        )
+        for p in pairs
+    ]
+    return [w for w, _ in out], [b for _, b in out]
+
+
+def _params(pairs):
+    return [
+        p[k] for p in pairs for k in ('weight', 'bias', 'gamma', 'beta')
+        if p[k] is not None and p[k].requires_grad
+    ]
+
+
+def _biases(bias):
+    """Per-pair biases: the group's flat bias is split as tune mode does."""
+    if isinstance(bias, list):
+        return bias
+    return list(bias.split([s[0] for s in SHAPES]))
+
+
+def _loss(weights, bias, probes, used):
+    """A loss that reads only the used pairs' weights and biases, as the
+    convolutions would."""
+    loss = 0
+    biases = _biases(bias)
+    bias_probes = probes[-1].split([s[0] for s in SHAPES])
+    for w, b, probe, bias_probe, u in zip(
+        weights, biases, probes, bias_probes, used
+    ):
+        if u:
+            loss = loss + (w * probe).sum() + (b * bias_probe).sum()
+    return loss
+
+
+@pytest.mark.parametrize(
+    'bias,affine,used',
+    [
+        (b, a, u)
+        for b, a in itertools.product((True, False), (True, False))
+        for u in ((True,) * 4, (True, False, True, False))
+    ],
+)
+def test_group_matches_single_folds(bias, affine, used):
+    pairs = _pairs(bias, affine)
+    gen = torch.Generator().manual_seed(7)
+    probes = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    probes.append(
+        torch.randn(sum(s[0] for s in SHAPES), generator=gen, dtype=torch.float64)
+    )
+    gw, gb = _group(pairs)
+    sw, sb = _single(pairs)
+    for a, b in zip(gw, sw):
+        assert a.shape == b.shape
+        assert torch.equal(a, b)
+    assert torch.equal(gb, torch.cat(sb))
+    params = _params(pairs)
+    grads_group = torch.autograd.grad(
+        _loss(gw, gb, probes, used), params, allow_unused=True
+    )
+    grads_single = torch.autograd.grad(
+        _loss(sw, sb, probes, used), params, allow_unused=True
+    )
+    for a, b in zip(grads_group, grads_single):
+        if b is None:  # weight of an unused pair
+            assert a is None
+            continue
+        assert a is not None
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_unused_pair_gets_no_gradient_at_all():
+    """Eval mode gives None to every parameter of a pair that was not used;
+    so does the group, also for gamma and beta (their bias slot gets the
+    split's zeros)."""
+    pairs = _pairs(True, True)
+    gw, gb = _group(pairs)
+    loss = (gw[0] * 2).sum() + gb[: SHAPES[0][0]].sum()
+    loss.backward()
+    for p in pairs[1:]:
+        for k in ('weight', 'bias', 'gamma', 'beta'):
+            assert p[k].grad is None, k
+    assert pairs[0]['gamma'].grad is not None
+
+
+def test_frozen_inputs_get_no_gradient():
+    pairs = _pairs(True, True)
+    for p in pairs:
+        p['gamma'].requires_grad_(False)
+        p['beta'].requires_grad_(False)
+    gw, gb = _group(pairs)
+    sw, sb = _single(pairs)
+    loss_g = sum((w ** 2).sum() for w in gw) + (gb ** 2).sum()
+    loss_s = sum((w ** 2).sum() for w in sw) + sum((b ** 2).sum() for b in sb)
+    params = _params(pairs)
+    for a, b in zip(
+        torch.autograd.grad(loss_g, params), torch.autograd.grad(loss_s, params)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_matches_single_folds():
+    pairs = _pairs(True, True)
+    params = _params(pairs)
+
+    def second_order(fold):
+        ws, b = fold(pairs)
+        loss = sum((w ** 3).sum() for w in ws)
+        loss = loss + sum((t ** 3).sum() for t in _biases(b))
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        penalty = sum((g ** 2).sum() for g in grads)
+        return torch.autograd.grad(penalty, params)
+
+    for a, b in zip(second_order(_group), second_order(_single)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_weight_modified_before_backward_is_refused():
+    pairs = _pairs(False, True)
+    gw, gb = _group(pairs)
+    loss = sum(w.sum() for w in gw) + gb.sum()
+    with torch.no_grad():
+        pairs[1]['weight'].add_(1)
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+        loss.backward()
+
+
+def test_output_dtype_and_gradient_dtype():
+    pairs = _pairs(True, True, dtype=torch.float32)
+    gw, gb = _group(pairs, out_dtype=torch.bfloat16)
+    assert all(w.dtype == torch.bfloat16 for w in gw)
+    assert gb.dtype == torch.bfloat16
+    (sum(w.float().sum() for w in gw) + gb.float().sum()).backward()
+    assert all(p['weight'].grad.dtype == torch.float32 for p in pairs)
+
+
+def test_bad_input_is_named():
+    pairs = _pairs(True, True)
+    pairs[1]['bias'] = None
+    with pytest.raises(ValueError, match='biases must be all None'):
+        _group(pairs)
