@@ -148,6 +148,13 @@ class ConvModuleHandler(FrameHandler):
         module.forward = TuneConvModule(module).forward
         return True
 
+    def fold_state(self, module: nn.Module) -> Optional[FoldState]:
+        fn = instance_forward(module)
+        runtime = getattr(fn, '__self__', None)
+        if isinstance(runtime, TuneConvModule):
+            return runtime.fold_state
+        return None
+
     def turn_off(self, module: nn.Module) -> bool:
         if not is_mmtune_forward(instance_forward(module)):
             return False

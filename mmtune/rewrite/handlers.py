@@ -54,6 +54,12 @@ class FrameHandler:
         """Undo :meth:`turn_on`; False if it was not on."""
         raise NotImplementedError
 
+    def fold_state(self, module: nn.Module):
+        """The :class:`~mmtune.rewrite.tune_mode.FoldState` that folds the
+        pair of ``module`` once it is on, so that it can join a batch; None
+        if it has none. Defaults to None."""
+        return None
+
 
 _HANDLERS: List[FrameHandler] = []
 #: (library that must be imported, module that registers its handler)

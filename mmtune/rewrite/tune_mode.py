@@ -35,6 +35,7 @@ from .analysis import (
     instance_forward,
     is_mmtune_forward,
 )
+from .fold_batch import FoldBatch
 from .report import ConvBNReport, SkipRecord
 
 _CALL_IMPL_CODES = frozenset(
@@ -120,6 +121,13 @@ class FoldState:
 
     def __init__(self):
         self.clear()
+        self.batch: Optional['FoldBatch'] = None
+        self.index = -1
+
+    def join(self, batch: 'FoldBatch', index: int) -> None:
+        """Take folded tensors from ``batch`` (member ``index``) when it
+        has them; see :mod:`.fold_batch`."""
+        self.batch, self.index = batch, index
 
     def clear(self) -> None:
         self._inv_std = self._inv_std_stamp = self._inv_std_eps = None
@@ -188,8 +196,13 @@ class FoldState:
         self, conv: nn.Module, bn: nn.Module, x: Tensor, output_size=None
     ) -> Tensor:
         """``bn(conv(x))`` for an eval-mode ``bn``, as one convolution."""
-        weight, bias = self.fold(conv, bn)
-        return conv_forward_with(conv, x, weight, bias, output_size)
+        batch = self.batch
+        folded = None
+        if batch is not None:
+            folded = batch.take(self.index, conv, bn)
+        if folded is None:
+            folded = self.fold(conv, bn)
+        return conv_forward_with(conv, x, folded[0], folded[1], output_size)
 
 
 class TunePair:
@@ -316,22 +329,42 @@ def _resolve_roots(
     return roots
 
 
-def _install(pair: Pair) -> bool:
+def _install(pair: Pair, batch: Optional[FoldBatch]) -> bool:
     """Put one pair in tune mode; False if it already was."""
     if pair.handler is not None:
-        return pair.handler.turn_on(pair.frame)
-    if is_mmtune_forward(instance_forward(pair.conv)):
+        if not pair.handler.turn_on(pair.frame):
+            return False
+        state = pair.handler.fold_state(pair.frame)
+    elif is_mmtune_forward(instance_forward(pair.conv)):
         return False
-    runtime = TunePair(
-        pair.conv, pair.bn, type(pair.frame), pair.conv_name, pair.bn_name
-    )
-    pair.conv.forward = runtime.conv_forward
-    pair.bn.forward = runtime.bn_forward
+    else:
+        runtime = TunePair(
+            pair.conv, pair.bn, type(pair.frame), pair.conv_name, pair.bn_name
+        )
+        pair.conv.forward = runtime.conv_forward
+        pair.bn.forward = runtime.bn_forward
+        state = runtime.fold_state
+    if batch is not None and state is not None and not pair.conv.transposed:
+        state.join(batch, batch.add(pair.conv, pair.bn, pair.conv_name))
     return True
 
 
+def _make_batch(batch: Union[str, bool]) -> Optional[FoldBatch]:
+    if batch == 'auto':
+        return FoldBatch(('cuda',))
+    if batch is True:
+        return FoldBatch(None)
+    if batch is False:
+        return None
+    raise ValueError(
+        f"batch must be 'auto', True or False, got {batch!r}"
+    )
+
+
 def turn_on_fast_conv_bn_eval(
-    model: nn.Module, modules: Union[None, str, Sequence[str]] = None
+    model: nn.Module,
+    modules: Union[None, str, Sequence[str]] = None,
+    batch: Union[str, bool] = 'auto',
 ) -> ConvBNReport:
     """Run the Conv->BN pairs of ``model`` in tune mode.
 
@@ -345,16 +378,24 @@ def turn_on_fast_conv_bn_eval(
         model (nn.Module): The model (unwrapped, not DDP).
         modules (str | list[str], optional): Qualified names of submodules
             to cover; None covers the whole model. Defaults to None.
+        batch (str | bool): Fold the trainable pairs together, once per
+            forward (:mod:`mmtune.rewrite.fold_batch`): ``'auto'`` on CUDA
+            devices, True on every device, False never. The results are the
+            same; batching saves the per-pair launches that make a GPU step
+            wait for the CPU. Turn it off under
+            ``DistributedDataParallel(find_unused_parameters=True)``.
+            Defaults to ``'auto'``.
 
     Returns:
         ConvBNReport: converted pairs and what was skipped, and why.
     """
     start = time.perf_counter()
+    fold_batch = _make_batch(batch)
     roots = _resolve_roots(model, modules)
     analysis: Analysis = analyse(model, roots)
     report = ConvBNReport(mode='tune', skipped=list(analysis.skipped))
     for pair in analysis.pairs:
-        if not _install(pair):
+        if not _install(pair, fold_batch):
             report.already_on += 1
         report.converted.append((pair.conv_name, pair.bn_name))
     report.seconds = time.perf_counter() - start

@@ -81,13 +81,14 @@ def _step(model):
     opt.step()
 
 
+@pytest.mark.parametrize('batch', [False, True], ids=['alone', 'batched'])
 @pytest.mark.parametrize(
     'case', CASES, ids=['-'.join(map(str, c)) for c in CASES]
 )
-def test_forward_backward_step_matches_eval(case):
+def test_forward_backward_step_matches_eval(case, batch):
     ref = _build(case).eval()
     tuned = copy.deepcopy(ref)
-    report = turn_on_fast_conv_bn_eval(tuned)
+    report = turn_on_fast_conv_bn_eval(tuned, batch=batch)
     assert report.converted == [('conv', 'bn')], str(report)
     x = [_input(case[0])]
     assert compare_models(ref, tuned, x, rtol=1e-5) == []
@@ -108,13 +109,14 @@ AUTOCAST_CASES = [
 ]
 
 
+@pytest.mark.parametrize('batch', [False, True], ids=['alone', 'batched'])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     'case',
     AUTOCAST_CASES,
     ids=['-'.join(map(str, c)) for c in AUTOCAST_CASES],
 )
-def test_autocast_matches_eval(case, dtype):
+def test_autocast_matches_eval(case, dtype, batch):
     """Under autocast tune mode is as accurate as eval mode.
 
     Both round differently in low precision, so each is compared with
@@ -130,7 +132,7 @@ def test_autocast_matches_eval(case, dtype):
     # with fp16 in tune mode) that says nothing about the fold.
     ref.act = torch.tanh
     tuned = copy.deepcopy(ref)
-    turn_on_fast_conv_bn_eval(tuned)
+    turn_on_fast_conv_bn_eval(tuned, batch=batch)
     truth = copy.deepcopy(ref).double()
     x = _input(case[0])
     expected = _results(truth, x.double(), None)

@@ -2,7 +2,8 @@
 """Benchmark tune mode against eval mode and the alternatives, side by side.
 
     python tools/analysis_tools/benchmark_fast_conv_bn_eval.py CONFIG \\
-        [--modes eval tune mmengine compile compile-fx-pass tune-compile] \\
+        [--modes eval tune tune-alone mmengine compile compile-fx-pass \\
+                 tune-compile] \\
         [--steps 15] [--warmup 5] [--batch-size N] [--img-size H W] \\
         [--amp {none,fp16,bf16}] [--synthetic] [--device cuda|cpu] \\
         [--out-dir DIR] [--cudnn-benchmark] [--cfg-options ...]
@@ -14,6 +15,8 @@ statistics) on the same batch, one ``model.train_step`` per step
 
 - ``eval``: nothing rewritten (the baseline);
 - ``tune``: :func:`mmtune.turn_on_fast_conv_bn_eval` on the whole model;
+- ``tune-alone``: the same with ``batch=False`` (each pair folds on its
+  own, as before batched folding);
 - ``mmengine``: mmengine's ``turn_on_efficient_conv_bn_eval`` on the
   modules of the config's ``efficient_conv_bn_eval`` key, else
   ``['backbone']`` (it fx-traces each module as a whole);
@@ -58,6 +61,7 @@ from mmtune.testing import randomize_bn
 MODES = (
     'eval',
     'tune',
+    'tune-alone',
     'mmengine',
     'compile',
     'compile-fx-pass',
@@ -408,6 +412,9 @@ def setup_mode(run: ModeRun, cfg: Config, args, batch: dict) -> None:
     mode = run.mode
     if mode in ('tune', 'tune-compile'):
         run.pairs = len(turn_on_fast_conv_bn_eval(model).converted)
+    elif mode == 'tune-alone':
+        report = turn_on_fast_conv_bn_eval(model, batch=False)
+        run.pairs = len(report.converted)
     elif mode == 'mmengine':
         run.pairs = turn_on_mmengine(cfg, model)
     else:

@@ -61,6 +61,13 @@ class FastConvBNEvalHook(Hook):
         modules (str | list[str], optional): Qualified names of the
             submodules to cover, e.g. ``'backbone'``; None covers the whole
             model. Defaults to None.
+        batch (str | bool): Whether the trainable pairs fold together once
+            per forward (``'auto'``: on CUDA; True; False), see
+            :func:`~mmtune.rewrite.turn_on_fast_conv_bn_eval`. With a
+            ``DistributedDataParallel`` wrapper that looks for unused
+            parameters, ``'auto'`` turns batching off (the wrapper would
+            wait for the gradients of pairs a forward did not call).
+            Defaults to ``'auto'``.
     """
 
     # After the hooks that may change the model in before_train (they run
@@ -68,8 +75,13 @@ class FastConvBNEvalHook(Hook):
     # not depend on priority: load_or_resume happens before before_train.
     priority = 'LOW'
 
-    def __init__(self, modules: Modules = None):
+    def __init__(self, modules: Modules = None, batch='auto'):
         self.modules = check_modules_arg(modules)
+        if batch not in ('auto', True, False):
+            raise ValueError(
+                f"batch must be 'auto', True or False, got {batch!r}"
+            )
+        self.batch = batch
         self.report: Optional[ConvBNReport] = None
 
     def before_run(self, runner: Runner) -> None:
@@ -92,8 +104,17 @@ class FastConvBNEvalHook(Hook):
     def _apply(self, runner: Runner) -> None:
         if self.report is not None:
             return
+        batch = self.batch
+        if batch == 'auto' and getattr(
+            runner.model, 'find_unused_parameters', False
+        ):
+            batch = False
+            runner.logger.info(
+                'mmtune: the model wrapper looks for unused parameters, so '
+                'the Conv+BN pairs fold one by one (batch=False)'
+            )
         self.report = turn_on_fast_conv_bn_eval(
-            unwrap_model(runner), self.modules
+            unwrap_model(runner), self.modules, batch=batch
         )
         runner.logger.info(str(self.report))
 
