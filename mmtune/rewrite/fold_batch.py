@@ -135,12 +135,20 @@ class FoldBatch:
             are batched; None for all. Defaults to ``('cuda',)``: on a CPU
             the CPU does the arithmetic too, and folding pair by pair is as
             fast.
+        max_group_numel (int, optional): Most conv weight elements in one
+            group; like pairs are split into groups of consecutive members
+            up to this size. None: no limit. Defaults to None.
     """
 
-    def __init__(self, device_types: Optional[Sequence[str]] = ('cuda',)):
+    def __init__(
+        self,
+        device_types: Optional[Sequence[str]] = ('cuda',),
+        max_group_numel: Optional[int] = None,
+    ):
         self.device_types = (
             None if device_types is None else frozenset(device_types)
         )
+        self.max_group_numel = max_group_numel
         self.enabled = True
         self.members: List[Tuple[nn.Module, nn.Module, str]] = []
         self._reset()
@@ -155,6 +163,7 @@ class FoldBatch:
     def __getstate__(self):
         return {
             'device_types': self.device_types,
+            'max_group_numel': self.max_group_numel,
             'enabled': self.enabled,
             'members': self.members,
         }
@@ -221,7 +230,7 @@ class FoldBatch:
             )
             groups.setdefault(group_key, []).append(i)
         folded = _Folded()
-        for (w_dtype, *_), indices in groups.items():
+        for (w_dtype, *_), indices in self._split(groups):
             # autocast would cast the folded weight for the conv anyway
             if amp_dtype is not None and w_dtype != torch.float64:
                 out_dtype = amp_dtype
@@ -231,6 +240,22 @@ class FoldBatch:
         self._folded[key] = folded
         self.folds += 1
         return folded
+
+    def _split(self, groups: Dict[tuple, List[int]]):
+        """``(group key, member indices)``, each group cut into runs of
+        consecutive members of at most ``max_group_numel`` elements."""
+        limit = self.max_group_numel
+        for key, indices in groups.items():
+            run: List[int] = []
+            size = 0
+            for i in indices:
+                numel = self.members[i][0].weight.numel()
+                if run and limit is not None and size + numel > limit:
+                    yield key, run
+                    run, size = [], 0
+                run.append(i)
+                size += numel
+            yield key, run
 
     def _plan(self, indices: List[int], device, out_dtype) -> tuple:
         convs = [self.members[i][0] for i in indices]

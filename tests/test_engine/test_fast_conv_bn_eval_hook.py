@@ -73,9 +73,9 @@ def calls(monkeypatch):
     seen = []
     original = hook_mod.turn_on_fast_conv_bn_eval
 
-    def spy(model, modules=None):
+    def spy(model, modules=None, batch='auto'):
         seen.append(model.backbone.conv1.weight.detach().clone())
-        return original(model, modules)
+        return original(model, modules, batch=batch)
 
     monkeypatch.setattr(hook_mod, 'turn_on_fast_conv_bn_eval', spy)
     return seen
