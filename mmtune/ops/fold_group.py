@@ -5,11 +5,16 @@
 forward and about as many autograd nodes in the backward. A training step on
 a GPU mostly waits for the CPU to launch operations, so those per-pair
 operations cost more time than eval mode's batch norm. Here the pairs of a
-group are folded together: all weights as one flat vector scaled by the
-per-output-channel factor repeated along each row, all biases as one vector,
-and one backward computes every gradient with a dozen kernels whatever the
-number of pairs. The values are those of :func:`fold_conv_bn`, element for
-element; the gradients are the same sums, accumulated in another order.
+group are folded together, a run at a time: consecutive pairs whose weight
+rows (output channels) have the same length are concatenated and scaled as
+one ``(rows, row_length)`` matrix. The folded weights come back as
+separate tensors (one multi-tensor copy per run), so that each is freed as
+soon as its convolution's backward is done, as when folding pair by pair;
+all biases are one vector. The backward computes every gradient with a few
+kernels per run, and copies no more than one run's weights at a time. The
+values are those of :func:`fold_conv_bn`, element for element; the
+gradients are the same sums, accumulated in another order. Pairs sorted by
+row length make few runs (ten for a ResNet-50).
 
 The pairs' weights must be contiguous and have their output channels on
 dimension 0 (not transposed convs).
@@ -28,7 +33,6 @@ class FoldGroupPlan:
 
     Args:
         shapes (list[torch.Size]): The conv weights' shapes.
-        device (torch.device): Where the weights are.
         out_dtype (torch.dtype): The dtype of the folded tensors (the conv
             weights', or autocast's).
         names (list[str], optional): Pair names for error messages.
@@ -37,30 +41,87 @@ class FoldGroupPlan:
     def __init__(
         self,
         shapes: Sequence[torch.Size],
-        device: torch.device,
         out_dtype: torch.dtype,
         names: Optional[Sequence[str]] = None,
     ):
         self.shapes = [torch.Size(s) for s in shapes]
         self.numels = [s.numel() for s in self.shapes]
         self.channels = [s[0] for s in self.shapes]
-        self.total = sum(self.numels)
         self.out_dtype = out_dtype
         self.names = list(names) if names is not None else None
-        # elements per output channel, one entry per row of every weight
-        self.row_lengths = torch.tensor(
-            [n // c for n, c in zip(self.numels, self.channels) for _ in range(c)],
-            dtype=torch.long,
-            device=device,
-        )
+        # runs of consecutive pairs whose rows have the same length:
+        # (first pair, end pair, first row, end row, row length)
+        self.runs: List[Tuple[int, int, int, int, int]] = []
+        row = 0
+        for i, (numel, channels) in enumerate(zip(self.numels, self.channels)):
+            length = numel // channels
+            last = self.runs[-1] if self.runs else None
+            if last is not None and last[4] == length:
+                self.runs[-1] = (last[0], i + 1, last[2], row + channels, length)
+            else:
+                self.runs.append((i, i + 1, row, row + channels, length))
+            row += channels
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    """A new flat tensor holding ``tensors`` one after the other."""
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def _per_row(values: Tensor, plan: FoldGroupPlan) -> Tensor:
-    return values.repeat_interleave(plan.row_lengths, output_size=plan.total)
+def _fold_weights(weights, scale: Tensor, plan: FoldGroupPlan) -> List[Tensor]:
+    """Each weight times its output channels' factors, as separate tensors.
+
+    A run at a time: no more than one run of weights is copied at once.
+    """
+    promoted = torch.promote_types(weights[0].dtype, scale.dtype)
+    outs: List[Tensor] = []
+    for p0, p1, r0, r1, length in plan.runs:
+        flat = _flat(weights[p0:p1]).to(promoted)
+        flat.view(r1 - r0, length).mul_(scale[r0:r1, None])
+        flat = flat.to(plan.out_dtype)
+        views = [
+            t.view(s)
+            for t, s in zip(
+                flat.split(plan.numels[p0:p1]), plan.shapes[p0:p1]
+            )
+        ]
+        if len(views) == 1:  # the flat tensor is this weight's own
+            outs.extend(views)
+        else:
+            # separate tensors (one multi-tensor kernel; x * 1 is exact),
+            # so that each is freed with its convolution's saved tensors
+            outs.extend(torch._foreach_mul(views, 1.0))
+    return outs
+
+
+def _weight_grads(
+    weights, grads, scale: Tensor, plan: FoldGroupPlan, need_w: bool,
+    need_gamma: bool,
+) -> Tuple[List[Optional[Tensor]], Optional[Tensor]]:
+    """The weights' gradients and ``sum(grad * w)`` of each output channel,
+    a run at a time."""
+    dtype = scale.dtype
+    grad_ws: List[Optional[Tensor]] = [None] * len(weights)
+    rows = scale.new_zeros(scale.shape) if need_gamma else None
+    for p0, p1, r0, r1, length in plan.runs:
+        if all(g is None for g in grads[p0:p1]):
+            continue
+        flat = torch.cat(
+            [
+                scale.new_zeros(numel) if g is None else g.reshape(-1)
+                for g, numel in zip(grads[p0:p1], plan.numels[p0:p1])
+            ]
+        ).to(dtype)
+        if need_gamma:
+            products = _flat(weights[p0:p1]).to(dtype).mul_(flat)
+            torch.sum(products.view(r1 - r0, length), 1, out=rows[r0:r1])
+            del products
+        if need_w:
+            flat.view(r1 - r0, length).mul_(scale[r0:r1, None])
+            parts = flat.split(plan.numels[p0:p1])
+            for i, part in zip(range(p0, p1), parts):
+                grad_ws[i] = part.view(plan.shapes[i])
+    return grad_ws, rows
 
 
 class _FoldGroup(torch.autograd.Function):
@@ -79,22 +140,17 @@ class _FoldGroup(torch.autograd.Function):
         mean, inv_std = tensors[4 * n], tensors[4 * n + 1]
         scale = inv_std if gammas[0] is None else _flat(gammas) * inv_std
         shift = mean.neg() if biases[0] is None else _flat(biases) - mean
-        flat_w = _flat(weights)
-        folded_w = flat_w * _per_row(scale, plan)
+        outs = _fold_weights(weights, scale, plan)
         if betas[0] is None:
             folded_b = scale * shift
         else:
             folded_b = torch.addcmul(_flat(betas), scale, shift)
-        folded_w = folded_w.to(plan.out_dtype)
         folded_b = folded_b.to(plan.out_dtype)
         ctx.plan, ctx.n = plan, n
         ctx.inputs = tensors
         ctx.weight_versions = [w._version for w in weights]
         ctx.save_for_backward(scale, shift, inv_std)
         ctx.set_materialize_grads(False)
-        outs = [
-            t.view(s) for t, s in zip(folded_w.split(plan.numels), plan.shapes)
-        ]
         return (*outs, folded_b)
 
     @staticmethod
@@ -118,12 +174,6 @@ class _FoldGroup(torch.autograd.Function):
             return (None,) * (2 + 4 * n + 2)
         scale, shift, inv_std = ctx.saved_tensors
         dtype = scale.dtype
-        grad_flat_w = torch.cat(
-            [
-                scale.new_zeros(numel) if g is None else g.reshape(-1)
-                for g, numel in zip(grad_ws, plan.numels)
-            ]
-        ).to(dtype)
         if grad_b is None:
             grad_b = scale.new_zeros(scale.shape)
         grad_b = grad_b.to(dtype)
@@ -132,21 +182,18 @@ class _FoldGroup(torch.autograd.Function):
         need_b = any(needs[n : 2 * n])
         need_gamma = any(needs[2 * n : 3 * n])
         need_beta = any(needs[3 * n : 4 * n])
-        grad_gamma = grad_w = grad_bias = None
+        grad_gamma = grad_bias = None
+        grad_w, rows = _weight_grads(
+            weights, grad_ws, scale, plan, need_w, need_gamma
+        )
         if need_gamma:
-            rows = torch.segment_reduce(
-                _flat(weights).to(dtype).mul_(grad_flat_w),
-                'sum',
-                lengths=plan.row_lengths,
-                unsafe=True,
-            )
             grad_gamma = torch.addcmul(rows, grad_b, shift).mul_(inv_std)
-        if need_w:
-            grad_w = grad_flat_w.mul_(_per_row(scale, plan))
         if need_b:
             grad_bias = grad_b * scale
         # the engine casts each gradient to its input's dtype
-        out_w = _split(grad_w, plan, needs[:n], used, weight_shaped=True)
+        out_w = [
+            g if needs[i] and used[i] else None for i, g in enumerate(grad_w)
+        ]
         out_b = _split(grad_bias, plan, needs[n : 2 * n], used)
         out_g = _split(grad_gamma, plan, needs[2 * n : 3 * n], used)
         out_beta = _split(grad_b, plan, needs[3 * n : 4 * n], used)
@@ -158,22 +205,15 @@ def _split(
     plan: FoldGroupPlan,
     needs: Sequence[bool],
     used: Sequence[bool],
-    weight_shaped: bool = False,
 ) -> List[Optional[Tensor]]:
-    """Per-pair views of a flat gradient; None where not needed or where
-    the pair's folded weight got no gradient."""
+    """Per-pair slices of a per-channel gradient; None where not needed or
+    where the pair's folded weight got no gradient."""
     if flat is None:
         return [None] * len(needs)
-    sizes = plan.numels if weight_shaped else plan.channels
-    out: List[Optional[Tensor]] = []
-    for i, part in enumerate(flat.split(sizes)):
-        if not (needs[i] and used[i]):
-            out.append(None)
-        elif weight_shaped:
-            out.append(part.view(plan.shapes[i]))
-        else:
-            out.append(part)
-    return out
+    return [
+        part if needs[i] and used[i] else None
+        for i, part in enumerate(flat.split(plan.channels))
+    ]
 
 
 def _fold_group_backward_autograd(ctx, grads) -> tuple:
@@ -238,7 +278,7 @@ def fold_conv_bn_group(
     """Fold a group of Conv->eval-BN pairs at once.
 
     Args:
-        plan (FoldGroupPlan): The group's shapes, device and output dtype.
+        plan (FoldGroupPlan): The group's shapes and output dtype.
         weights (list[Tensor]): Contiguous conv weights, output channels on
             dimension 0.
         biases (list[Tensor | None]): The conv biases, all None or none.

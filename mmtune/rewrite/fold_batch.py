@@ -121,10 +121,26 @@ class _Folded:
 
 
 class _Entry:
-    __slots__ = ('weight', 'bias', 'stamp')
+    """One pair's folded weight and bias.
+
+    The weight is held until the pair takes it, then only weakly: the
+    convolution keeps it for its backward and frees it there, as when
+    folding pair by pair; a pair called again in the same forward finds it
+    alive.
+    """
+
+    __slots__ = ('weight', 'weak', 'bias', 'stamp')
 
     def __init__(self, weight: Tensor, bias: Tensor, stamp: tuple):
         self.weight, self.bias, self.stamp = weight, bias, stamp
+        self.weak = None
+
+    def take(self) -> Optional[Tensor]:
+        weight = self.weight
+        if weight is not None:
+            self.weak, self.weight = weakref.ref(weight), None
+            return weight
+        return self.weak()
 
 
 class FoldBatch:
@@ -135,20 +151,12 @@ class FoldBatch:
             are batched; None for all. Defaults to ``('cuda',)``: on a CPU
             the CPU does the arithmetic too, and folding pair by pair is as
             fast.
-        max_group_numel (int, optional): Most conv weight elements in one
-            group; like pairs are split into groups of consecutive members
-            up to this size. None: no limit. Defaults to None.
     """
 
-    def __init__(
-        self,
-        device_types: Optional[Sequence[str]] = ('cuda',),
-        max_group_numel: Optional[int] = None,
-    ):
+    def __init__(self, device_types: Optional[Sequence[str]] = ('cuda',)):
         self.device_types = (
             None if device_types is None else frozenset(device_types)
         )
-        self.max_group_numel = max_group_numel
         self.enabled = True
         self.members: List[Tuple[nn.Module, nn.Module, str]] = []
         self._reset()
@@ -163,7 +171,6 @@ class FoldBatch:
     def __getstate__(self):
         return {
             'device_types': self.device_types,
-            'max_group_numel': self.max_group_numel,
             'enabled': self.enabled,
             'members': self.members,
         }
@@ -201,11 +208,15 @@ class FoldBatch:
         key = (device, _autocast_dtype(device.type))
         folded = self._folded.get(key)
         entry = folded.entries.get(index) if folded is not None else None
-        if entry is None or entry.stamp != _stamp(bn.eps, tensors):
+        weight = None
+        if entry is not None and entry.stamp == _stamp(bn.eps, tensors):
+            weight = entry.take()
+        if weight is None:
             entry = self._fold(key).entries.get(index)
             if entry is None:
                 return None
-        return entry.weight, entry.bias
+            weight = entry.take()
+        return weight, entry.bias
 
     def _fold(self, key: tuple) -> _Folded:
         device, amp_dtype = key
@@ -230,7 +241,10 @@ class FoldBatch:
             )
             groups.setdefault(group_key, []).append(i)
         folded = _Folded()
-        for (w_dtype, *_), indices in self._split(groups):
+        for indices in groups.values():
+            # equal row lengths next to each other: fewer runs to scale
+            indices.sort(key=self._row_length)
+        for (w_dtype, *_), indices in groups.items():
             # autocast would cast the folded weight for the conv anyway
             if amp_dtype is not None and w_dtype != torch.float64:
                 out_dtype = amp_dtype
@@ -241,21 +255,9 @@ class FoldBatch:
         self.folds += 1
         return folded
 
-    def _split(self, groups: Dict[tuple, List[int]]):
-        """``(group key, member indices)``, each group cut into runs of
-        consecutive members of at most ``max_group_numel`` elements."""
-        limit = self.max_group_numel
-        for key, indices in groups.items():
-            run: List[int] = []
-            size = 0
-            for i in indices:
-                numel = self.members[i][0].weight.numel()
-                if run and limit is not None and size + numel > limit:
-                    yield key, run
-                    run, size = [], 0
-                run.append(i)
-                size += numel
-            yield key, run
+    def _row_length(self, index: int) -> int:
+        weight = self.members[index][0].weight
+        return weight[0].numel() if weight.shape[0] else 0
 
     def _plan(self, indices: List[int], device, out_dtype) -> tuple:
         convs = [self.members[i][0] for i in indices]
@@ -269,7 +271,7 @@ class FoldBatch:
         if len(self._plans) >= 16:
             self._plans.clear()
         names = [self.members[i][2] or f'#{i}' for i in indices]
-        plan = FoldGroupPlan(shapes, device, out_dtype, names)
+        plan = FoldGroupPlan(shapes, out_dtype, names)
         if len(set(eps)) == 1:
             eps_value = eps[0]
         else:

@@ -37,9 +37,7 @@ def _pairs(bias, affine, seed=0, dtype=torch.float64):
 
 
 def _group(pairs, out_dtype=torch.float64):
-    plan = FoldGroupPlan(
-        [p['weight'].shape for p in pairs], torch.device('cpu'), out_dtype
-    )
+    plan = FoldGroupPlan([p['weight'].shape for p in pairs], out_dtype)
     mean = torch.cat([p['mean'] for p in pairs])
     inv = torch.cat([bn_inv_std(p['var'], p['eps']) for p in pairs])
     return fold_conv_bn_group(
