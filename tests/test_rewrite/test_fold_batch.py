@@ -237,3 +237,12 @@ def test_hook_turns_batching_off_for_ddp_looking_for_unused(tmp_path):
             assert len(_batches(model)) == expected
     finally:
         dist.destroy_process_group()
+
+
+def test_hook_refuses_a_bad_batch_value():
+    from mmtune.engine.hooks.fast_conv_bn_eval_hook import (
+        FastConvBNEvalHook,
+    )
+
+    with pytest.raises(ValueError, match="got 'sometimes'"):
+        FastConvBNEvalHook(batch='sometimes')
