@@ -126,6 +126,21 @@ def _probe_like(t: Tensor) -> Tensor:
     return torch.randn(t.shape, generator=gen).to(t.device, torch.float32)
 
 
+def fold_batches(model: nn.Module) -> list:
+    """The :class:`~mmtune.rewrite.fold_batch.FoldBatch` objects that the
+    tune-mode pairs of ``model`` fold in (empty when batching is off)."""
+    from mmtune.rewrite.tune_mode import FoldState
+
+    found = []
+    for module in model.modules():
+        fn = module.__dict__.get('forward')
+        state = getattr(getattr(fn, '__self__', None), 'fold_state', None)
+        batch = state.batch if isinstance(state, FoldState) else None
+        if batch is not None and all(batch is not b for b in found):
+            found.append(batch)
+    return found
+
+
 def max_relative_error(a: Tensor, b: Tensor) -> float:
     """``max|a - b| / max(max|b|, tiny)`` in float64."""
     a, b = a.double(), b.double()

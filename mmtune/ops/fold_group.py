@@ -57,7 +57,13 @@ class FoldGroupPlan:
             length = numel // channels
             last = self.runs[-1] if self.runs else None
             if last is not None and last[4] == length:
-                self.runs[-1] = (last[0], i + 1, last[2], row + channels, length)
+                self.runs[-1] = (
+                    last[0],
+                    i + 1,
+                    last[2],
+                    row + channels,
+                    length,
+                )
             else:
                 self.runs.append((i, i + 1, row, row + channels, length))
             row += channels
@@ -81,9 +87,7 @@ def _fold_weights(weights, scale: Tensor, plan: FoldGroupPlan) -> List[Tensor]:
         flat = flat.to(plan.out_dtype)
         views = [
             t.view(s)
-            for t, s in zip(
-                flat.split(plan.numels[p0:p1]), plan.shapes[p0:p1]
-            )
+            for t, s in zip(flat.split(plan.numels[p0:p1]), plan.shapes[p0:p1])
         ]
         if len(views) == 1:  # the flat tensor is this weight's own
             outs.extend(views)
@@ -95,7 +99,11 @@ def _fold_weights(weights, scale: Tensor, plan: FoldGroupPlan) -> List[Tensor]:
 
 
 def _weight_grads(
-    weights, grads, scale: Tensor, plan: FoldGroupPlan, need_w: bool,
+    weights,
+    grads,
+    scale: Tensor,
+    plan: FoldGroupPlan,
+    need_w: bool,
     need_gamma: bool,
 ) -> Tuple[List[Optional[Tensor]], Optional[Tensor]]:
     """The weights' gradients and ``sum(grad * w)`` of each output channel,
@@ -181,7 +189,6 @@ class _FoldGroup(torch.autograd.Function):
         need_w = any(needs[:n])
         need_b = any(needs[n : 2 * n])
         need_gamma = any(needs[2 * n : 3 * n])
-        need_beta = any(needs[3 * n : 4 * n])
         grad_gamma = grad_bias = None
         grad_w, rows = _weight_grads(
             weights, grad_ws, scale, plan, need_w, need_gamma
@@ -245,8 +252,9 @@ def _fold_group_backward_autograd(ctx, grads) -> tuple:
             )
         w, b = w.to(plan.out_dtype), b.to(plan.out_dtype)
         wanted = [
-            (k, t) for k, t in enumerate(inputs) if t is not None
-            and ctx.needs_input_grad[2 + k * n + i]
+            (k, t)
+            for k, t in enumerate(inputs)
+            if t is not None and ctx.needs_input_grad[2 + k * n + i]
         ]
         if not wanted:
             continue
@@ -294,7 +302,11 @@ def fold_conv_bn_group(
         None for all its parameters, as in eval mode.
     """
     n = len(weights)
-    for seq, what in ((biases, 'biases'), (gammas, 'gammas'), (betas, 'betas')):
+    for seq, what in (
+        (biases, 'biases'),
+        (gammas, 'gammas'),
+        (betas, 'betas'),
+    ):
         if len(seq) != n:
             raise ValueError(f'{what}: expected {n} entries, got {len(seq)}')
         if len({t is None for t in seq}) > 1:

@@ -117,7 +117,7 @@ class _Folded:
     __slots__ = ('entries', '__weakref__')
 
     def __init__(self):
-        self.entries: Dict[int, '_Entry'] = {}
+        self.entries: Dict[int, _Entry] = {}
 
 
 class _Entry:
@@ -257,7 +257,7 @@ class FoldBatch:
 
     def _row_length(self, index: int) -> int:
         weight = self.members[index][0].weight
-        return weight[0].numel() if weight.shape[0] else 0
+        return weight.numel() // max(weight.shape[0], 1)
 
     def _plan(self, indices: List[int], device, out_dtype) -> tuple:
         convs = [self.members[i][0] for i in indices]
@@ -276,10 +276,7 @@ class FoldBatch:
             eps_value = eps[0]
         else:
             eps_value = torch.cat(
-                [
-                    torch.full_like(bn.running_var, e)
-                    for bn, e in zip(bns, eps)
-                ]
+                [torch.full_like(bn.running_var, e) for bn, e in zip(bns, eps)]
             )
         self._plans[plan_key] = plan, eps_value
         return plan, eps_value

@@ -35,7 +35,7 @@ from .analysis import (
     instance_forward,
     is_mmtune_forward,
 )
-from .fold_batch import FoldBatch
+from .fold_batch import FoldBatch, _compiling
 from .report import ConvBNReport, SkipRecord
 
 _CALL_IMPL_CODES = frozenset(
@@ -56,11 +56,6 @@ _GLOBAL_HOOK_DICTS = tuple(
     )
     if hasattr(_module_mod, name)
 )
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, 'compiler', None)
-    return bool(compiler is not None and compiler.is_compiling())
 
 
 def bn_uses_running_stats(bn: nn.Module) -> bool:
@@ -121,7 +116,7 @@ class FoldState:
 
     def __init__(self):
         self.clear()
-        self.batch: Optional['FoldBatch'] = None
+        self.batch: Optional[FoldBatch] = None
         self.index = -1
 
     def join(self, batch: 'FoldBatch', index: int) -> None:
@@ -356,9 +351,7 @@ def _make_batch(batch: Union[str, bool]) -> Optional[FoldBatch]:
         return FoldBatch(None)
     if batch is False:
         return None
-    raise ValueError(
-        f"batch must be 'auto', True or False, got {batch!r}"
-    )
+    raise ValueError(f"batch must be 'auto', True or False, got {batch!r}")
 
 
 def turn_on_fast_conv_bn_eval(

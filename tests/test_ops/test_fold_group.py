@@ -8,7 +8,12 @@ import itertools
 import pytest
 import torch
 
-from mmtune.ops import FoldGroupPlan, bn_inv_std, fold_conv_bn, fold_conv_bn_group
+from mmtune.ops import (
+    FoldGroupPlan,
+    bn_inv_std,
+    fold_conv_bn,
+    fold_conv_bn_group,
+)
 
 SHAPES = [(6, 4, 3, 3), (5, 2, 1, 1), (3, 6, 3), (4, 1, 2, 2, 2)]
 
@@ -17,7 +22,7 @@ def _pairs(bias, affine, seed=0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape, lo=-1.0, hi=1.0):
-        return (torch.rand(shape, generator=gen, dtype=dtype) * (hi - lo) + lo)
+        return torch.rand(shape, generator=gen, dtype=dtype) * (hi - lo) + lo
 
     pairs = []
     for shape in SHAPES:
@@ -28,7 +33,9 @@ def _pairs(bias, affine, seed=0, dtype=torch.float64):
                 bias=rand(c).requires_grad_() if bias else None,
                 mean=rand(c),
                 var=rand(c, lo=0.3, hi=2.0),
-                gamma=rand(c, lo=0.5, hi=1.5).requires_grad_() if affine else None,
+                gamma=rand(c, lo=0.5, hi=1.5).requires_grad_()
+                if affine
+                else None,
                 beta=rand(c).requires_grad_() if affine else None,
                 eps=1e-5 * (1 + len(pairs)),
             )
@@ -54,8 +61,13 @@ def _group(pairs, out_dtype=torch.float64):
 def _single(pairs):
     out = [
         fold_conv_bn(
-            p['weight'], p['bias'], p['mean'], p['var'], p['gamma'],
-            p['beta'], p['eps'],
+            p['weight'],
+            p['bias'],
+            p['mean'],
+            p['var'],
+            p['gamma'],
+            p['beta'],
+            p['eps'],
         )
         for p in pairs
     ]
@@ -64,7 +76,9 @@ def _single(pairs):
 
 def _params(pairs):
     return [
-        p[k] for p in pairs for k in ('weight', 'bias', 'gamma', 'beta')
+        p[k]
+        for p in pairs
+        for k in ('weight', 'bias', 'gamma', 'beta')
         if p[k] is not None and p[k].requires_grad
     ]
 
@@ -101,9 +115,13 @@ def _loss(weights, bias, probes, used):
 def test_group_matches_single_folds(bias, affine, used):
     pairs = _pairs(bias, affine)
     gen = torch.Generator().manual_seed(7)
-    probes = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    probes = [
+        torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES
+    ]
     probes.append(
-        torch.randn(sum(s[0] for s in SHAPES), generator=gen, dtype=torch.float64)
+        torch.randn(
+            sum(s[0] for s in SHAPES), generator=gen, dtype=torch.float64
+        )
     )
     gw, gb = _group(pairs)
     sw, sb = _single(pairs)
@@ -147,11 +165,12 @@ def test_frozen_inputs_get_no_gradient():
         p['beta'].requires_grad_(False)
     gw, gb = _group(pairs)
     sw, sb = _single(pairs)
-    loss_g = sum((w ** 2).sum() for w in gw) + (gb ** 2).sum()
-    loss_s = sum((w ** 2).sum() for w in sw) + sum((b ** 2).sum() for b in sb)
+    loss_g = sum((w**2).sum() for w in gw) + (gb**2).sum()
+    loss_s = sum((w**2).sum() for w in sw) + sum((b**2).sum() for b in sb)
     params = _params(pairs)
     for a, b in zip(
-        torch.autograd.grad(loss_g, params), torch.autograd.grad(loss_s, params)
+        torch.autograd.grad(loss_g, params),
+        torch.autograd.grad(loss_s, params),
     ):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -162,10 +181,10 @@ def test_double_backward_matches_single_folds():
 
     def second_order(fold):
         ws, b = fold(pairs)
-        loss = sum((w ** 3).sum() for w in ws)
-        loss = loss + sum((t ** 3).sum() for t in _biases(b))
+        loss = sum((w**3).sum() for w in ws)
+        loss = loss + sum((t**3).sum() for t in _biases(b))
         grads = torch.autograd.grad(loss, params, create_graph=True)
-        penalty = sum((g ** 2).sum() for g in grads)
+        penalty = sum((g**2).sum() for g in grads)
         return torch.autograd.grad(penalty, params)
 
     for a, b in zip(second_order(_group), second_order(_single)):

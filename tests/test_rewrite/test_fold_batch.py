@@ -15,20 +15,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmtune import turn_on_fast_conv_bn_eval
-from mmtune.rewrite.tune_mode import FoldState
-from mmtune.testing import compare_models, forward_backward, randomize_bn
+from mmtune.testing import (
+    compare_models,
+    fold_batches,
+    randomize_bn,
+)
 
-
-def _batches(model):
-    """The FoldBatch objects of a converted model."""
-    found = []
-    for m in model.modules():
-        fwd = m.__dict__.get('forward')
-        state = getattr(getattr(fwd, '__self__', None), 'fold_state', None)
-        if isinstance(state, FoldState) and state.batch is not None:
-            if all(state.batch is not b for b in found):
-                found.append(state.batch)
-    return found
+_batches = fold_batches
 
 
 class Block(nn.Module):
@@ -102,7 +95,9 @@ def test_training_steps_match_eval_and_fold_once_per_step():
         opt_ref.step()
         opt_tuned.step()
     assert batch.folds == 4
-    for (name, a), b in zip(ref.state_dict().items(), tuned.state_dict().values()):
+    for (name, a), b in zip(
+        ref.state_dict().items(), tuned.state_dict().values()
+    ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
@@ -117,7 +112,9 @@ def test_two_forwards_one_backward_and_retain_graph():
         loss.backward(retain_graph=retain)
         if retain:
             loss.backward()
-        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return [
+            p.grad.clone() for p in model.parameters() if p.grad is not None
+        ]
 
     for retain in (False, True):
         for a, b in zip(grads(ref, retain), grads(tuned, retain)):

@@ -14,6 +14,7 @@ from mmtune.testing import (
     MMDET_BACKBONES,
     compare_models,
     find_conv_bn_pairs_at_runtime,
+    fold_batches,
     randomize_bn,
 )
 
@@ -36,21 +37,25 @@ def _build(cfg):
     return model.double()
 
 
+@pytest.mark.parametrize('batch', [False, True], ids=['alone', 'batched'])
 @pytest.mark.parametrize('name', list(BACKBONES))
-def test_backbone_whole_model(name):
+def test_backbone_whole_model(name, batch):
     model = _build(BACKBONES[name])
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
     model.train()  # norm_eval keeps every BN in eval mode
     runtime_pairs = find_conv_bn_pairs_at_runtime(model, x)
     assert runtime_pairs
     ref = copy.deepcopy(model)
-    report = turn_on_fast_conv_bn_eval(model)
+    report = turn_on_fast_conv_bn_eval(model, batch=batch)
     assert set(runtime_pairs) <= set(report.converted), str(report)
     if name == 'resnet50_dcn':
         assert any(
             'ModulatedDeformConv2dPack' in s.reason for s in report.skipped
         )
     assert compare_models(ref, model, [x], rtol=1e-9) == []
+    assert [b.folds > 0 for b in fold_batches(model)] == (
+        [True] if batch else []
+    )
     ref.eval()
     model.eval()
     assert compare_models(ref, model, [x], rtol=1e-9) == []
@@ -68,13 +73,14 @@ def _detector(config):
     return model
 
 
-def test_retinanet_r50_fpn_whole_detector():
+@pytest.mark.parametrize('batch', [False, True], ids=['alone', 'batched'])
+def test_retinanet_r50_fpn_whole_detector(batch):
     model = _detector('retinanet/retinanet_r50_fpn_1x_coco.py').double()
     x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
     model.train()
     runtime_pairs = find_conv_bn_pairs_at_runtime(model, x, mode='tensor')
     ref = copy.deepcopy(model)
-    report = turn_on_fast_conv_bn_eval(model)
+    report = turn_on_fast_conv_bn_eval(model, batch=batch)
     assert len(runtime_pairs) == 53
     assert set(runtime_pairs) <= set(report.converted), str(report)
 
@@ -90,6 +96,9 @@ def test_retinanet_r50_fpn_whole_detector():
         ref.train(mode)
         model.train(mode)
         assert compare_models(Tensor(ref), Tensor(model), [x], rtol=1e-9) == []
+    assert [b.folds > 0 for b in fold_batches(model)] == (
+        [True] if batch else []
+    )
 
 
 def test_mask_rcnn_turn_on_cost_and_deploy():
