@@ -14,7 +14,7 @@ all biases are one vector. The backward computes every gradient with a few
 kernels per run, and copies no more than one run's weights at a time. The
 values are those of :func:`fold_conv_bn`, element for element; the
 gradients are the same sums, accumulated in another order. Pairs sorted by
-row length make few runs (ten for a ResNet-50).
+row length make few runs (eleven for a ResNet-50).
 
 The pairs' weights must be contiguous and have their output channels on
 dimension 0 (not transposed convs).

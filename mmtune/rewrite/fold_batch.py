@@ -73,6 +73,22 @@ def batch_allowed() -> bool:
     )
 
 
+def bn_uses_running_stats(bn: nn.Module) -> bool:
+    """Whether ``bn`` normalises with its running statistics right now."""
+    return (
+        not bn.training
+        and bn.running_mean is not None
+        and bn.running_var is not None
+    )
+
+
+def check_batch_arg(batch) -> None:
+    """Raise a ValueError naming ``batch`` unless it is 'auto', True or
+    False."""
+    if not (batch is True or batch is False or batch == 'auto'):
+        raise ValueError(f"batch must be 'auto', True or False, got {batch!r}")
+
+
 def _pair_tensors(conv: nn.Module, bn: nn.Module) -> tuple:
     # the modules' dicts, not nn.Module.__getattr__: this runs at every call
     params, bn_params, buffers = conv._parameters, bn._parameters, bn._buffers
@@ -102,6 +118,10 @@ def _trainable(tensors: tuple) -> bool:
         and weight.is_contiguous()
         and weight.numel() > 0
     )
+
+
+def _row_length(weight: Tensor) -> int:
+    return weight.numel() // max(weight.shape[0], 1)
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -221,17 +241,17 @@ class FoldBatch:
     def _fold(self, key: tuple) -> _Folded:
         device, amp_dtype = key
         groups: Dict[tuple, List[int]] = {}
+        pair_tensors: Dict[int, tuple] = {}
         for i, (conv, bn, _) in enumerate(self.members):
             tensors = _pair_tensors(conv, bn)
             weight = tensors[0]
             if (
-                bn.training
-                or tensors[4] is None
-                or tensors[5] is None
+                not bn_uses_running_stats(bn)
                 or weight.device != device
                 or not _trainable(tensors)
             ):
                 continue
+            pair_tensors[i] = tensors
             group_key = (
                 weight.dtype,
                 tensors[4].dtype,
@@ -243,26 +263,24 @@ class FoldBatch:
         folded = _Folded()
         for indices in groups.values():
             # equal row lengths next to each other: fewer runs to scale
-            indices.sort(key=self._row_length)
+            indices.sort(key=lambda i: _row_length(pair_tensors[i][0]))
         for (w_dtype, *_), indices in groups.items():
             # autocast would cast the folded weight for the conv anyway
             if amp_dtype is not None and w_dtype != torch.float64:
                 out_dtype = amp_dtype
             else:
                 out_dtype = w_dtype
-            self._fold_group(indices, device, out_dtype, folded)
+            tensors = [pair_tensors[i] for i in indices]
+            self._fold_group(indices, tensors, device, out_dtype, folded)
         self._folded[key] = folded
         self.folds += 1
         return folded
 
-    def _row_length(self, index: int) -> int:
-        weight = self.members[index][0].weight
-        return weight.numel() // max(weight.shape[0], 1)
-
-    def _plan(self, indices: List[int], device, out_dtype) -> tuple:
-        convs = [self.members[i][0] for i in indices]
+    def _plan(
+        self, indices: List[int], tensors: List[tuple], device, out_dtype
+    ) -> tuple:
         bns = [self.members[i][1] for i in indices]
-        shapes = tuple(conv.weight.shape for conv in convs)
+        shapes = tuple(t[0].shape for t in tensors)
         eps = tuple(float(bn.eps) for bn in bns)
         plan_key = (tuple(indices), shapes, device, out_dtype, eps)
         cached = self._plans.get(plan_key)
@@ -276,17 +294,21 @@ class FoldBatch:
             eps_value = eps[0]
         else:
             eps_value = torch.cat(
-                [torch.full_like(bn.running_var, e) for bn, e in zip(bns, eps)]
+                [torch.full_like(t[5], e) for t, e in zip(tensors, eps)]
             )
         self._plans[plan_key] = plan, eps_value
         return plan, eps_value
 
     def _fold_group(
-        self, indices: List[int], device, out_dtype, folded: _Folded
+        self,
+        indices: List[int],
+        tensors: List[tuple],
+        device,
+        out_dtype,
+        folded: _Folded,
     ) -> None:
         members = [self.members[i] for i in indices]
-        tensors = [_pair_tensors(conv, bn) for conv, bn, _ in members]
-        plan, eps = self._plan(indices, device, out_dtype)
+        plan, eps = self._plan(indices, tensors, device, out_dtype)
         with torch.no_grad():
             mean = torch.cat([t[4] for t in tensors])
             inv_std = torch.cat([t[5] for t in tensors]).add_(eps).rsqrt_()

@@ -35,7 +35,12 @@ from .analysis import (
     instance_forward,
     is_mmtune_forward,
 )
-from .fold_batch import FoldBatch, _compiling
+from .fold_batch import (
+    FoldBatch,
+    _compiling,
+    bn_uses_running_stats,
+    check_batch_arg,
+)
 from .report import ConvBNReport, SkipRecord
 
 _CALL_IMPL_CODES = frozenset(
@@ -56,15 +61,6 @@ _GLOBAL_HOOK_DICTS = tuple(
     )
     if hasattr(_module_mod, name)
 )
-
-
-def bn_uses_running_stats(bn: nn.Module) -> bool:
-    """Whether ``bn`` normalises with its running statistics right now."""
-    return (
-        not bn.training
-        and bn.running_mean is not None
-        and bn.running_var is not None
-    )
 
 
 def hooks_free(conv: nn.Module, bn: nn.Module) -> bool:
@@ -345,13 +341,10 @@ def _install(pair: Pair, batch: Optional[FoldBatch]) -> bool:
 
 
 def _make_batch(batch: Union[str, bool]) -> Optional[FoldBatch]:
-    if batch == 'auto':
-        return FoldBatch(('cuda',))
-    if batch is True:
-        return FoldBatch(None)
+    check_batch_arg(batch)
     if batch is False:
         return None
-    raise ValueError(f"batch must be 'auto', True or False, got {batch!r}")
+    return FoldBatch(('cuda',) if batch == 'auto' else None)
 
 
 def turn_on_fast_conv_bn_eval(

@@ -10,6 +10,7 @@ from torch import nn
 
 from mmtune.registry import register_hook
 from mmtune.rewrite import ConvBNReport, turn_on_fast_conv_bn_eval
+from mmtune.rewrite.fold_batch import check_batch_arg
 from mmtune.rewrite.tune_mode import _resolve_roots
 
 Modules = Union[None, str, Sequence[str]]
@@ -77,10 +78,7 @@ class FastConvBNEvalHook(Hook):
 
     def __init__(self, modules: Modules = None, batch='auto'):
         self.modules = check_modules_arg(modules)
-        if batch not in ('auto', True, False):
-            raise ValueError(
-                f"batch must be 'auto', True or False, got {batch!r}"
-            )
+        check_batch_arg(batch)
         self.batch = batch
         self.report: Optional[ConvBNReport] = None
 
