@@ -29,16 +29,13 @@ from mmtune.rewrite.analysis import (
     instance_forward,
     is_mmtune_forward,
 )
+from mmtune.rewrite.fold_batch import bn_uses_running_stats
 from mmtune.rewrite.handlers import (
     FrameHandler,
     HandledFrame,
     register_frame_handler,
 )
-from mmtune.rewrite.tune_mode import (
-    FoldState,
-    bn_uses_running_stats,
-    hooks_free,
-)
+from mmtune.rewrite.tune_mode import FoldState, hooks_free
 
 
 class TuneConvModule:

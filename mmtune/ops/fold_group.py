@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import fold_kernels
 from .conv_bn import fold_conv_bn
 
 
@@ -36,6 +37,9 @@ class FoldGroupPlan:
         out_dtype (torch.dtype): The dtype of the folded tensors (the conv
             weights', or autocast's).
         names (list[str], optional): Pair names for error messages.
+        device (torch.device, optional): The group's device: on CUDA the
+            fold runs as compiled kernels (:mod:`.fold_kernels`) where it
+            can. None folds eagerly. Defaults to None.
     """
 
     def __init__(
@@ -43,12 +47,24 @@ class FoldGroupPlan:
         shapes: Sequence[torch.Size],
         out_dtype: torch.dtype,
         names: Optional[Sequence[str]] = None,
+        device: Optional[torch.device] = None,
     ):
         self.shapes = [torch.Size(s) for s in shapes]
         self.numels = [s.numel() for s in self.shapes]
         self.channels = [s[0] for s in self.shapes]
         self.out_dtype = out_dtype
         self.names = list(names) if names is not None else None
+        self.kernels = None
+        if device is not None:
+            self.kernels = fold_kernels.kernels_for(
+                self.channels, out_dtype, torch.device(device)
+            )
+        # shaped like each pair's per-output-channel factor, (C, 1, ..., 1):
+        # unflatten_dense_tensors cuts a vector into such views in one call
+        self.factor_shapes = [
+            torch.empty((s[0],) + (1,) * (len(s) - 1), device='meta')
+            for s in self.shapes
+        ]
         # runs of consecutive pairs whose rows have the same length:
         # (first pair, end pair, first row, end row, row length)
         self.runs: List[Tuple[int, int, int, int, int]] = []
@@ -69,32 +85,27 @@ class FoldGroupPlan:
             row += channels
 
 
-def _flat(tensors: Sequence[Tensor]) -> Tensor:
-    """A new flat tensor holding ``tensors`` one after the other."""
-    return torch.cat([t.reshape(-1) for t in tensors])
+# One C++ call each (no Python per tensor): all tensors as one flat copy,
+# and a flat tensor cut into views shaped like the given tensors.
+_flatten = torch._C._nn.flatten_dense_tensors
+_unflatten = torch._C._nn.unflatten_dense_tensors
 
 
 def _fold_weights(weights, scale: Tensor, plan: FoldGroupPlan) -> List[Tensor]:
-    """Each weight times its output channels' factors, as separate tensors.
-
-    A run at a time: no more than one run of weights is copied at once.
-    """
-    promoted = torch.promote_types(weights[0].dtype, scale.dtype)
+    """Each weight times its output channels' factors, as separate tensors
+    (each is freed with its convolution's saved tensors)."""
+    factors = _unflatten(scale, plan.factor_shapes)
+    weights = list(weights)
+    if torch.promote_types(weights[0].dtype, scale.dtype) == plan.out_dtype:
+        return list(torch._foreach_mul(weights, factors))
+    # autocast: computed in the weights' precision, then rounded once, a
+    # run at a time (x * 1 makes separate tensors again)
     outs: List[Tensor] = []
-    for p0, p1, r0, r1, length in plan.runs:
-        flat = _flat(weights[p0:p1]).to(promoted)
-        flat.view(r1 - r0, length).mul_(scale[r0:r1, None])
-        flat = flat.to(plan.out_dtype)
-        views = [
-            t.view(s)
-            for t, s in zip(flat.split(plan.numels[p0:p1]), plan.shapes[p0:p1])
-        ]
-        if len(views) == 1:  # the flat tensor is this weight's own
-            outs.extend(views)
-        else:
-            # separate tensors (one multi-tensor kernel; x * 1 is exact),
-            # so that each is freed with its convolution's saved tensors
-            outs.extend(torch._foreach_mul(views, 1.0))
+    for p0, p1, *_ in plan.runs:
+        products = torch._foreach_mul(weights[p0:p1], factors[p0:p1])
+        flat = _flatten(products).to(plan.out_dtype)
+        del products
+        outs.extend(torch._foreach_mul(_unflatten(flat, weights[p0:p1]), 1.0))
     return outs
 
 
@@ -106,30 +117,52 @@ def _weight_grads(
     need_w: bool,
     need_gamma: bool,
 ) -> Tuple[List[Optional[Tensor]], Optional[Tensor]]:
-    """The weights' gradients and ``sum(grad * w)`` of each output channel,
-    a run at a time."""
-    dtype = scale.dtype
-    grad_ws: List[Optional[Tensor]] = [None] * len(weights)
-    rows = scale.new_zeros(scale.shape) if need_gamma else None
-    for p0, p1, r0, r1, length in plan.runs:
-        if all(g is None for g in grads[p0:p1]):
-            continue
-        flat = torch.cat(
-            [
-                scale.new_zeros(numel) if g is None else g.reshape(-1)
-                for g, numel in zip(grads[p0:p1], plan.numels[p0:p1])
-            ]
-        ).to(dtype)
-        if need_gamma:
-            products = _flat(weights[p0:p1]).to(dtype).mul_(flat)
-            torch.sum(products.view(r1 - r0, length), 1, out=rows[r0:r1])
-            del products
-        if need_w:
-            flat.view(r1 - r0, length).mul_(scale[r0:r1, None])
-            parts = flat.split(plan.numels[p0:p1])
-            for i, part in zip(range(p0, p1), parts):
-                grad_ws[i] = part.view(plan.shapes[i])
+    """The weights' gradients and ``sum(grad * w)`` of each output channel
+    (None for a weight whose folded weight got no gradient)."""
+    n = len(weights)
+    used = [i for i in range(n) if grads[i] is not None]
+    grad_ws: List[Optional[Tensor]] = [None] * n
+    rows = None
+    if need_gamma:
+        rows = scale.new_zeros(scale.shape)
+        if len(used) == n:  # a run at a time: one sum per run
+            for p0, p1, r0, r1, length in plan.runs:
+                products = torch._foreach_mul(grads[p0:p1], weights[p0:p1])
+                flat = _flatten(products).to(scale.dtype)
+                del products
+                torch.sum(flat.view(r1 - r0, length), 1, out=rows[r0:r1])
+        else:
+            row = 0
+            for i, channels in enumerate(plan.channels):
+                if grads[i] is not None:
+                    product = (grads[i] * weights[i]).to(scale.dtype)
+                    torch.sum(
+                        product.view(channels, -1),
+                        1,
+                        out=rows[row : row + channels],
+                    )
+                row += channels
+    if need_w:
+        factors = _unflatten(scale, plan.factor_shapes)
+        got = torch._foreach_mul(
+            [grads[i] for i in used], [factors[i] for i in used]
+        )
+        for i, g in zip(used, got):
+            grad_ws[i] = g
     return grad_ws, rows
+
+
+def _fold_eager(plan, weights, biases, gammas, betas, mean, inv_std):
+    """The forward of :class:`_FoldGroup` without compiled kernels:
+    folded weights, folded bias, scale and shift."""
+    scale = inv_std if gammas[0] is None else torch.cat(gammas) * inv_std
+    shift = mean.neg() if biases[0] is None else torch.cat(biases) - mean
+    outs = _fold_weights(weights, scale, plan)
+    if betas[0] is None:
+        folded_b = scale * shift
+    else:
+        folded_b = torch.addcmul(torch.cat(betas), scale, shift)
+    return outs, folded_b.to(plan.out_dtype), scale, shift
 
 
 class _FoldGroup(torch.autograd.Function):
@@ -146,14 +179,23 @@ class _FoldGroup(torch.autograd.Function):
             tensors[3 * n : 4 * n],
         )
         mean, inv_std = tensors[4 * n], tensors[4 * n + 1]
-        scale = inv_std if gammas[0] is None else _flat(gammas) * inv_std
-        shift = mean.neg() if biases[0] is None else _flat(biases) - mean
-        outs = _fold_weights(weights, scale, plan)
-        if betas[0] is None:
-            folded_b = scale * shift
-        else:
-            folded_b = torch.addcmul(_flat(betas), scale, shift)
-        folded_b = folded_b.to(plan.out_dtype)
+        compiled = None
+        if plan.kernels is not None:
+            with torch.autocast(mean.device.type, enabled=False):
+                compiled = fold_kernels.call(
+                    plan.kernels.forward,
+                    weights,
+                    biases,
+                    gammas,
+                    betas,
+                    mean,
+                    inv_std,
+                )
+        if compiled is None:
+            compiled = _fold_eager(
+                plan, weights, biases, gammas, betas, mean, inv_std
+            )
+        outs, folded_b, scale, shift = compiled
         ctx.plan, ctx.n = plan, n
         ctx.inputs = tensors
         ctx.weight_versions = [w._version for w in weights]
@@ -189,14 +231,33 @@ class _FoldGroup(torch.autograd.Function):
         need_w = any(needs[:n])
         need_b = any(needs[n : 2 * n])
         need_gamma = any(needs[2 * n : 3 * n])
-        grad_gamma = grad_bias = None
-        grad_w, rows = _weight_grads(
-            weights, grad_ws, scale, plan, need_w, need_gamma
-        )
-        if need_gamma:
-            grad_gamma = torch.addcmul(rows, grad_b, shift).mul_(inv_std)
-        if need_b:
-            grad_bias = grad_b * scale
+        compiled = None
+        if plan.kernels is not None and all(used):
+            compiled = fold_kernels.call(
+                plan.kernels.backward,
+                weights,
+                grad_ws,
+                grad_b,
+                scale,
+                shift,
+                inv_std,
+                need_w,
+                need_gamma,
+                need_b,
+            )
+        if compiled is not None:
+            grad_w, grad_gamma, grad_bias, grad_b = compiled
+            if grad_w is None:
+                grad_w = [None] * n
+        else:
+            grad_gamma = grad_bias = None
+            grad_w, rows = _weight_grads(
+                weights, grad_ws, scale, plan, need_w, need_gamma
+            )
+            if need_gamma:
+                grad_gamma = torch.addcmul(rows, grad_b, shift).mul_(inv_std)
+            if need_b:
+                grad_bias = grad_b * scale
         # the engine casts each gradient to its input's dtype
         out_w = [
             g if needs[i] and used[i] else None for i, g in enumerate(grad_w)

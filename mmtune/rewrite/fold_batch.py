@@ -55,21 +55,25 @@ _functorch_stack = _private(
 _CAN_BATCH = None not in (_graph_task_id, _saved_tensors_hooks)
 
 
+_is_compiling = getattr(
+    getattr(torch, 'compiler', None), 'is_compiling', lambda: False
+)
+
+
 def _compiling() -> bool:
-    compiler = getattr(torch, 'compiler', None)
-    return bool(compiler is not None and compiler.is_compiling())
+    return bool(_is_compiling())
 
 
 def batch_allowed() -> bool:
     """Whether a pair called now may take a batch-folded weight."""
     return (
         _CAN_BATCH
+        and not _is_compiling()  # first: torch.compile traces no further
         and torch.is_grad_enabled()
         and not torch.is_inference_mode_enabled()
         and _graph_task_id() == -1
         and _saved_tensors_hooks(False) is None
         and (_functorch_stack is None or _functorch_stack() is None)
-        and not _compiling()
     )
 
 
@@ -89,34 +93,50 @@ def check_batch_arg(batch) -> None:
         raise ValueError(f"batch must be 'auto', True or False, got {batch!r}")
 
 
-def _pair_tensors(conv: nn.Module, bn: nn.Module) -> tuple:
-    # the modules' dicts, not nn.Module.__getattr__: this runs at every call
-    params, bn_params, buffers = conv._parameters, bn._parameters, bn._buffers
+def _pair_stamp(bn, cp: dict, bp: dict, bb: dict) -> tuple:
+    """What a pair's fold was computed from: the BN eps, and the storage,
+    version and ``requires_grad`` of each tensor (``cp``/``bp``/``bb``: the
+    conv's parameters, the BN's parameters and buffers). One flat tuple,
+    built without a loop: this runs at every call."""
+    w, b = cp['weight'], cp.get('bias')
+    g, be = bp.get('weight'), bp.get('bias')
+    mean, var = bb['running_mean'], bb['running_var']
+    nbt = bb.get('num_batches_tracked')
     return (
-        params['weight'],
-        params.get('bias'),
-        bn_params.get('weight'),
-        bn_params.get('bias'),
-        buffers['running_mean'],
-        buffers['running_var'],
-        buffers.get('num_batches_tracked'),
+        bn.eps,
+        w.data_ptr(),
+        w._version,
+        w.requires_grad,
+        None if b is None else b.data_ptr(),
+        None if b is None else b._version,
+        None if b is None else b.requires_grad,
+        None if g is None else g.data_ptr(),
+        None if g is None else g._version,
+        None if g is None else g.requires_grad,
+        None if be is None else be.data_ptr(),
+        None if be is None else be._version,
+        None if be is None else be.requires_grad,
+        None if mean is None else mean.data_ptr(),
+        None if mean is None else mean._version,
+        None if var is None else var.data_ptr(),
+        None if var is None else var._version,
+        None if nbt is None else nbt.data_ptr(),
+        None if nbt is None else nbt._version,
     )
 
 
-def _stamp(eps: float, tensors: tuple) -> tuple:
-    """Storage and version of each tensor, and the BN eps."""
-    return (eps,) + tuple(
-        None if t is None else (t.data_ptr(), t._version) for t in tensors
-    )
-
-
-def _trainable(tensors: tuple) -> bool:
-    """Autograd would record this pair's fold, and the group can take it."""
-    weight = tensors[0]
+def _trainable(weight: Tensor, cp: dict, bp: dict) -> bool:
+    """Autograd would record this pair's fold, and a group can take it
+    (``cp``/``bp``: the conv's and the BN's parameters)."""
+    if not weight.is_contiguous() or weight.numel() == 0:
+        return False
+    if weight.requires_grad:
+        return True
+    bias, gamma, beta = cp.get('bias'), bp.get('weight'), bp.get('bias')
     return (
-        any(t is not None and t.requires_grad for t in tensors[:4])
-        and weight.is_contiguous()
-        and weight.numel() > 0
+        (bias is not None and bias.requires_grad)
+        or (gamma is not None and gamma.requires_grad)
+        or (beta is not None and beta.requires_grad)
     )
 
 
@@ -132,35 +152,27 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 class _Folded:
     """The entries of one fold, by member index (weakly referenced by the
-    groups' backward hooks)."""
+    groups' backward hooks).
+
+    An entry is a list ``[weight, weak, bias, stamp, inputs]`` (a list, not
+    an object: one is read at every call). The weight is held until the pair
+    takes it, then only weakly (``weak``): the convolution keeps it for its
+    backward and frees it there, as when folding pair by pair; a pair
+    called again in the same forward finds it alive.
+    """
 
     __slots__ = ('entries', '__weakref__')
 
     def __init__(self):
-        self.entries: Dict[int, _Entry] = {}
+        self.entries: Dict[int, list] = {}
 
 
-class _Entry:
-    """One pair's folded weight and bias.
-
-    The weight is held until the pair takes it, then only weakly: the
-    convolution keeps it for its backward and frees it there, as when
-    folding pair by pair; a pair called again in the same forward finds it
-    alive.
-    """
-
-    __slots__ = ('weight', 'weak', 'bias', 'stamp')
-
-    def __init__(self, weight: Tensor, bias: Tensor, stamp: tuple):
-        self.weight, self.bias, self.stamp = weight, bias, stamp
-        self.weak = None
-
-    def take(self) -> Optional[Tensor]:
-        weight = self.weight
-        if weight is not None:
-            self.weak, self.weight = weakref.ref(weight), None
-            return weight
-        return self.weak()
+def _take_entry(entry: list) -> Optional[Tensor]:
+    weight = entry[0]
+    if weight is not None:
+        entry[0], entry[1] = None, weakref.ref(weight)
+        return weight
+    return entry[1]()
 
 
 class FoldBatch:
@@ -186,6 +198,12 @@ class FoldBatch:
         self._folded: Dict[tuple, _Folded] = {}
         # group layout -> (plan, eps as a float or a per-channel vector)
         self._plans: Dict[tuple, tuple] = {}
+        # each member's module dicts, read at every call (not through
+        # nn.Module.__getattr__)
+        self._dicts = [
+            (bn, conv._parameters, bn._parameters, bn._buffers)
+            for conv, bn, _ in self.members
+        ]
         self.folds = 0  # how many times the batch was folded
 
     def __getstate__(self):
@@ -202,6 +220,7 @@ class FoldBatch:
     def add(self, conv: nn.Module, bn: nn.Module, name: str = '') -> int:
         """Register a pair; returns its index for :meth:`take`."""
         self.members.append((conv, bn, name))
+        self._dicts.append((bn, conv._parameters, bn._parameters, bn._buffers))
         return len(self.members) - 1
 
     def take(
@@ -211,60 +230,64 @@ class FoldBatch:
         pair must fold on its own (see the module docstring).
 
         The caller has checked that the pair folds now (BN in eval mode
-        with running statistics, no hooks).
+        with running statistics, no hooks). This runs at every call of
+        every pair: it reads the module dicts directly and calls no helper
+        on the way to a valid entry.
         """
-        if not self.enabled:
+        if not self.enabled or not batch_allowed():
             return None
-        tensors = _pair_tensors(conv, bn)
-        weight = tensors[0]
+        _, cp, bp, bb = self._dicts[index]
+        weight = cp['weight']
+        if not _trainable(weight, cp, bp):
+            return None  # folds alone (and caches its fold)
         device = weight.device
-        if (
-            self.device_types is not None
-            and device.type not in self.device_types
-        ) or not _trainable(tensors):
-            return None
-        if not batch_allowed():
+        types = self.device_types
+        if types is not None and device.type not in types:
             return None
         key = (device, _autocast_dtype(device.type))
         folded = self._folded.get(key)
-        entry = folded.entries.get(index) if folded is not None else None
-        weight = None
-        if entry is not None and entry.stamp == _stamp(bn.eps, tensors):
-            weight = entry.take()
-        if weight is None:
-            entry = self._fold(key).entries.get(index)
-            if entry is None:
-                return None
-            weight = entry.take()
-        return weight, entry.bias
+        entry = None if folded is None else folded.entries.get(index)
+        if entry is not None and entry[3] == _pair_stamp(bn, cp, bp, bb):
+            weight = _take_entry(entry)
+            if weight is not None:
+                return weight, entry[2]
+        # no valid entry: fold the whole batch anew (this pair is not in
+        # it if it is not trainable)
+        entry = self._fold(key).entries.get(index)
+        if entry is None:
+            return None
+        return _take_entry(entry), entry[2]
 
     def _fold(self, key: tuple) -> _Folded:
         device, amp_dtype = key
         groups: Dict[tuple, List[int]] = {}
         pair_tensors: Dict[int, tuple] = {}
-        for i, (conv, bn, _) in enumerate(self.members):
-            tensors = _pair_tensors(conv, bn)
-            weight = tensors[0]
+        for i, (bn, cp, bp, bb) in enumerate(self._dicts):
+            weight = cp['weight']
+            mean, var = bb['running_mean'], bb['running_var']
             if (
-                not bn_uses_running_stats(bn)
+                bn.training
+                or mean is None
+                or var is None
                 or weight.device != device
-                or not _trainable(tensors)
+                or not _trainable(weight, cp, bp)
             ):
                 continue
-            pair_tensors[i] = tensors
+            bias, gamma = cp.get('bias'), bp.get('weight')
+            beta, nbt = bp.get('bias'), bb.get('num_batches_tracked')
+            pair_tensors[i] = (weight, bias, gamma, beta, mean, var, nbt)
             group_key = (
                 weight.dtype,
-                tensors[4].dtype,
-                tensors[1] is None,
-                tensors[2] is None,
-                tensors[3] is None,
+                var.dtype,
+                bias is None,
+                gamma is None,
+                beta is None,
             )
             groups.setdefault(group_key, []).append(i)
         folded = _Folded()
-        for indices in groups.values():
+        for (w_dtype, *_), indices in groups.items():
             # equal row lengths next to each other: fewer runs to scale
             indices.sort(key=lambda i: _row_length(pair_tensors[i][0]))
-        for (w_dtype, *_), indices in groups.items():
             # autocast would cast the folded weight for the conv anyway
             if amp_dtype is not None and w_dtype != torch.float64:
                 out_dtype = amp_dtype
@@ -279,9 +302,8 @@ class FoldBatch:
     def _plan(
         self, indices: List[int], tensors: List[tuple], device, out_dtype
     ) -> tuple:
-        bns = [self.members[i][1] for i in indices]
-        shapes = tuple(t[0].shape for t in tensors)
-        eps = tuple(float(bn.eps) for bn in bns)
+        shapes = tuple([t[0].shape for t in tensors])
+        eps = tuple([self._dicts[i][0].eps for i in indices])
         plan_key = (tuple(indices), shapes, device, out_dtype, eps)
         cached = self._plans.get(plan_key)
         if cached is not None:
@@ -289,9 +311,9 @@ class FoldBatch:
         if len(self._plans) >= 16:
             self._plans.clear()
         names = [self.members[i][2] or f'#{i}' for i in indices]
-        plan = FoldGroupPlan(shapes, out_dtype, names)
+        plan = FoldGroupPlan(shapes, out_dtype, names, device)
         if len(set(eps)) == 1:
-            eps_value = eps[0]
+            eps_value = float(eps[0])
         else:
             eps_value = torch.cat(
                 [torch.full_like(t[5], e) for t, e in zip(tensors, eps)]
@@ -307,25 +329,23 @@ class FoldBatch:
         out_dtype,
         folded: _Folded,
     ) -> None:
-        members = [self.members[i] for i in indices]
         plan, eps = self._plan(indices, tensors, device, out_dtype)
+        weights, biases, gammas, betas, means, variances, _ = zip(*tensors)
         with torch.no_grad():
-            mean = torch.cat([t[4] for t in tensors])
-            inv_std = torch.cat([t[5] for t in tensors]).add_(eps).rsqrt_()
+            mean = torch.cat(means)
+            inv_std = torch.cat(variances).add_(eps).rsqrt_()
         weights, bias = fold_conv_bn_group(
-            plan,
-            [t[0] for t in tensors],
-            [t[1] for t in tensors],
-            [t[2] for t in tensors],
-            [t[3] for t in tensors],
-            mean,
-            inv_std,
+            plan, weights, biases, gammas, betas, mean, inv_std
         )
-        biases = bias.split(plan.channels)
-        for i, (_, bn, _), t, w, b in zip(
-            indices, members, tensors, weights, biases
+        dicts = self._dicts
+        entries = folded.entries
+        for i, w, b, inputs in zip(
+            indices, weights, bias.split(plan.channels), tensors
         ):
-            folded.entries[i] = _Entry(w, b, _stamp(bn.eps, t))
+            bn, cp, bp, bb = dicts[i]
+            # the inputs are held so that no other tensor can take their
+            # storage: an equal data_ptr in the stamp means the same tensor
+            entries[i] = [w, None, b, _pair_stamp(bn, cp, bp, bb), inputs]
         node = bias.grad_fn
         if node is not None:
             node.register_hook(_Expire(folded, indices))

@@ -38,7 +38,8 @@ from .analysis import (
 from .fold_batch import (
     FoldBatch,
     _compiling,
-    bn_uses_running_stats,
+    _is_compiling,
+    _pair_stamp,
     check_batch_arg,
 )
 from .report import ConvBNReport, SkipRecord
@@ -122,7 +123,7 @@ class FoldState:
 
     def clear(self) -> None:
         self._inv_std = self._inv_std_stamp = self._inv_std_eps = None
-        self._folded = self._folded_stamp = self._folded_eps = None
+        self._folded = self._folded_stamp = self._folded_inputs = None
 
     def _get_inv_std(self, bn: nn.Module) -> Tensor:
         # BN kernels update running_var in place without bumping its version
@@ -145,32 +146,38 @@ class FoldState:
 
     def fold(self, conv: nn.Module, bn: nn.Module) -> Tuple[Tensor, Tensor]:
         """The folded weight and bias of ``conv`` and ``bn``."""
+        cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
+        weight, bias = cp['weight'], cp.get('bias')
+        gamma, beta = bp.get('weight'), bp.get('bias')
         tensors = (
-            conv.weight,
-            conv.bias,
-            bn.running_mean,
-            bn.running_var,
-            bn.weight,
-            bn.bias,
+            weight,
+            bias,
+            bb['running_mean'],
+            bb['running_var'],
+            gamma,
+            beta,
         )
         if _compiling():
             return fold_conv_bn(*tensors, bn.eps, conv.transposed, conv.groups)
-        stamped = tensors + (bn.num_batches_tracked,)
         # Without autograd there is no graph to rebuild, so the folded
         # tensors can be reused until an input changes: in validation, and
         # for frozen layers (frozen_stages) in training.
         cacheable = not torch.is_inference_mode_enabled() and not (
             torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in tensors)
+            and (
+                weight.requires_grad
+                or (bias is not None and bias.requires_grad)
+                or (gamma is not None and gamma.requires_grad)
+                or (beta is not None and beta.requires_grad)
+            )
         )
+        stamp = None
         if not cacheable:
-            self._folded = self._folded_stamp = None
-        elif (
-            self._folded_stamp is not None
-            and self._folded_stamp.matches(stamped)
-            and self._folded_eps == bn.eps
-        ):
-            return self._folded
+            self._folded = self._folded_stamp = self._folded_inputs = None
+        else:
+            stamp = _pair_stamp(bn, cp, bp, bb)
+            if stamp == self._folded_stamp:
+                return self._folded
         folded = fold_conv_bn(
             *tensors,
             bn.eps,
@@ -179,8 +186,10 @@ class FoldState:
             inv_std=self._get_inv_std(bn),
         )
         if cacheable:
-            self._folded, self._folded_stamp = folded, _Stamp(stamped)
-            self._folded_eps = bn.eps
+            self._folded, self._folded_stamp = folded, stamp
+            # held so that no other tensor can take their storage: an equal
+            # data_ptr in the stamp then means the same tensor
+            self._folded_inputs = tensors + (bb.get('num_batches_tracked'),)
         return folded
 
     def forward(
@@ -237,7 +246,7 @@ class TunePair:
         self._reset()
 
     def _called_from_frame(self) -> bool:
-        if _compiling():
+        if _is_compiling():
             return True
         frame = sys._getframe(2)
         while frame is not None and frame.f_code in _CALL_IMPL_CODES:
@@ -256,19 +265,43 @@ class TunePair:
         )
 
     def conv_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        # runs at every call: the checks of bn_uses_running_stats and
+        # hooks_free are written out here
         conv, bn = self.conv, self.bn
         if self.pending is not None:
             self._diverged(
                 f'the output of {self.conv_name} never reached {self.bn_name}'
             )
+        buffers = bn._buffers
         if (
             not self.disabled
-            and bn_uses_running_stats(bn)
-            and hooks_free(conv, bn)
+            and not bn.training
+            and buffers.get('running_mean') is not None
+            and buffers.get('running_var') is not None
+            and not (
+                conv._forward_hooks
+                or conv._backward_hooks
+                or bn._forward_pre_hooks
+                or bn._forward_hooks
+                or bn._backward_hooks
+                or any(_GLOBAL_HOOK_DICTS)
+            )
             and self._called_from_frame()
         ):
-            output_size = args[0] if args else kwargs.get('output_size')
-            out = self.fold_state.forward(conv, bn, x, output_size)
+            state = self.fold_state
+            batch = state.batch
+            folded = None
+            if batch is not None:
+                folded = batch.take(state.index, conv, bn)
+            if folded is None:
+                folded = state.fold(conv, bn)
+            if conv.transposed:
+                output_size = args[0] if args else kwargs.get('output_size')
+                out = conv_forward_with(
+                    conv, x, folded[0], folded[1], output_size
+                )
+            else:
+                out = conv._conv_forward(x, folded[0], folded[1])
             self.pending = out
             return out
         return type(conv).forward(conv, x, *args, **kwargs)

@@ -3,7 +3,7 @@
 
     python tools/analysis_tools/benchmark_fast_conv_bn_eval.py CONFIG \\
         [--modes eval tune tune-alone mmengine compile compile-fx-pass \\
-                 tune-compile] \\
+                 tune-compile fold-floor] \\
         [--steps 15] [--warmup 5] [--batch-size N] [--img-size H W] \\
         [--amp {none,fp16,bf16}] [--synthetic] [--device cuda|cpu] \\
         [--out-dir DIR] [--cudnn-benchmark] [--cfg-options ...]
@@ -25,6 +25,11 @@ statistics) on the same batch, one ``model.train_step`` per step
 - ``compile-fx-pass``: the same with inductor's
   ``efficient_conv_bn_eval_fx_passes``;
 - ``tune-compile``: tune mode, then compiled.
+- ``fold-floor``: every pair folded once before training
+  (:func:`mmtune.fuse_conv_bn`, deploy mode) and the folded convs trained.
+  Not the same training (the BN affine is gone, gradients differ), but the
+  same convolutions as tune mode without any per-step folding: the lowest
+  step time any exact tune mode could reach on the workload.
 
 Memory is measured mode by mode, right after that mode's warm-up; time in
 interleaved rounds (each mode a few steps per round, in rotating order), so
@@ -55,7 +60,7 @@ from mmengine.logging import MMLogger
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import MODELS, init_default_scope
 
-from mmtune import turn_on_fast_conv_bn_eval
+from mmtune import fuse_conv_bn, turn_on_fast_conv_bn_eval
 from mmtune.testing import randomize_bn
 
 MODES = (
@@ -66,6 +71,7 @@ MODES = (
     'compile',
     'compile-fx-pass',
     'tune-compile',
+    'fold-floor',
 )
 DEFAULT_MODES = ('eval', 'tune', 'mmengine')
 MiB = 1024.0**2
@@ -417,6 +423,8 @@ def setup_mode(run: ModeRun, cfg: Config, args, batch: dict) -> None:
         run.pairs = len(report.converted)
     elif mode == 'mmengine':
         run.pairs = turn_on_mmengine(cfg, model)
+    elif mode == 'fold-floor':
+        run.pairs = len(fuse_conv_bn(model).converted)
     else:
         run.pairs = 0
     model.to(args.device)

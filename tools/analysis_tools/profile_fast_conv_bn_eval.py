@@ -3,14 +3,15 @@
 
     python tools/analysis_tools/profile_fast_conv_bn_eval.py CONFIG \\
         [--amp none|fp16|bf16] [--device cuda|cpu] [--steps 3] \\
+        [--modes eval tune ...] \\
         [--cfg-options KEY=VALUE ...]
 
-Builds the config's model twice as the benchmark tool does (same seed,
-random BN statistics, a synthetic batch of the configured size), warms each
-up for 5 steps, then runs ``--steps`` steps under ``torch.profiler`` and
-prints, per mode, the GPU kernel time and the number of kernels per step and
-the profiler's table of operators. See docs/benchmark.md, "Where the time
-goes".
+Builds the config's model once per mode (default: eval, tune) as the
+benchmark tool does (same seed, random BN statistics, a synthetic batch of
+the configured size), warms each up for 5 steps, then runs ``--steps``
+steps under ``torch.profiler`` and prints, per mode, the GPU kernel time
+and the number of kernels per step and the profiler's table of operators.
+See docs/benchmark.md, "Where the time goes".
 """
 
 import argparse
@@ -36,6 +37,13 @@ def parse_args(argv=None):
         '--device', default='cuda' if torch.cuda.is_available() else 'cpu'
     )
     parser.add_argument('--steps', type=int, default=3)
+    parser.add_argument(
+        '--modes',
+        nargs='+',
+        choices=bench.MODES,
+        default=['eval', 'tune'],
+        help='modes to profile, one after the other (default: eval tune)',
+    )
     parser.add_argument('--rows', type=int, default=14)
     parser.add_argument(
         '--cfg-options',
@@ -62,7 +70,7 @@ def main(argv=None) -> int:
     activities = [ProfilerActivity.CPU]
     if cuda:
         activities.append(ProfilerActivity.CUDA)
-    for mode in ('eval', 'tune'):
+    for mode in args.modes:
         run = bench.ModeRun(mode)
         bench.setup_mode(run, cfg, options, batch)
         for _ in range(5):
