@@ -4,17 +4,24 @@
 :func:`fold_conv_bn` costs about four tensor operations per pair in the
 forward and about as many autograd nodes in the backward. A training step on
 a GPU mostly waits for the CPU to launch operations, so those per-pair
-operations cost more time than eval mode's batch norm. Here the pairs of a
-group are folded together, a run at a time: consecutive pairs whose weight
-rows (output channels) have the same length are concatenated and scaled as
-one ``(rows, row_length)`` matrix. The folded weights come back as
-separate tensors (one multi-tensor copy per run), so that each is freed as
-soon as its convolution's backward is done, as when folding pair by pair;
-all biases are one vector. The backward computes every gradient with a few
-kernels per run, and copies no more than one run's weights at a time. The
-values are those of :func:`fold_conv_bn`, element for element; the
-gradients are the same sums, accumulated in another order. Pairs sorted by
-row length make few runs (eleven for a ResNet-50).
+operations cost more time than eval mode's batch norm. Here a group of
+pairs folds in one autograd node, with few operations called from Python:
+
+- forward: the per-channel factors ``gamma / sqrt(var + eps)`` of all pairs
+  as one vector, cut into ``(C, 1, ..., 1)`` views in one C++ call, and one
+  multi-tensor multiply of all weights by their factors. The folded weights
+  are separate tensors, so each is freed as soon as its convolution's
+  backward is done, as when folding pair by pair; all biases are one vector.
+  Under autocast the products are rounded to the autocast dtype a run at a
+  time (consecutive pairs whose weight rows have the same length: eleven
+  runs for a ResNet-50);
+- backward: the weights' gradients in one multi-tensor multiply; the
+  ``gamma`` gradients need ``sum(grad * w)`` per output channel, one
+  multi-tensor multiply and one sum per run.
+
+The values are those of :func:`fold_conv_bn`, element for element; the
+gradients are the same sums, accumulated in another order. No more than
+one run of products is held at a time in the backward.
 
 The pairs' weights must be contiguous and have their output channels on
 dimension 0 (not transposed convs).
@@ -25,7 +32,6 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import fold_kernels
 from .conv_bn import fold_conv_bn
 
 
@@ -37,9 +43,6 @@ class FoldGroupPlan:
         out_dtype (torch.dtype): The dtype of the folded tensors (the conv
             weights', or autocast's).
         names (list[str], optional): Pair names for error messages.
-        device (torch.device, optional): The group's device: on CUDA the
-            fold runs as compiled kernels (:mod:`.fold_kernels`) where it
-            can. None folds eagerly. Defaults to None.
     """
 
     def __init__(
@@ -47,18 +50,12 @@ class FoldGroupPlan:
         shapes: Sequence[torch.Size],
         out_dtype: torch.dtype,
         names: Optional[Sequence[str]] = None,
-        device: Optional[torch.device] = None,
     ):
         self.shapes = [torch.Size(s) for s in shapes]
         self.numels = [s.numel() for s in self.shapes]
         self.channels = [s[0] for s in self.shapes]
         self.out_dtype = out_dtype
         self.names = list(names) if names is not None else None
-        self.kernels = None
-        if device is not None:
-            self.kernels = fold_kernels.kernels_for(
-                self.channels, out_dtype, torch.device(device)
-            )
         # shaped like each pair's per-output-channel factor, (C, 1, ..., 1):
         # unflatten_dense_tensors cuts a vector into such views in one call
         self.factor_shapes = [
@@ -152,9 +149,9 @@ def _weight_grads(
     return grad_ws, rows
 
 
-def _fold_eager(plan, weights, biases, gammas, betas, mean, inv_std):
-    """The forward of :class:`_FoldGroup` without compiled kernels:
-    folded weights, folded bias, scale and shift."""
+def _fold(plan, weights, biases, gammas, betas, mean, inv_std):
+    """The forward of :class:`_FoldGroup`: folded weights, folded bias,
+    scale and shift."""
     scale = inv_std if gammas[0] is None else torch.cat(gammas) * inv_std
     shift = mean.neg() if biases[0] is None else torch.cat(biases) - mean
     outs = _fold_weights(weights, scale, plan)
@@ -179,23 +176,9 @@ class _FoldGroup(torch.autograd.Function):
             tensors[3 * n : 4 * n],
         )
         mean, inv_std = tensors[4 * n], tensors[4 * n + 1]
-        compiled = None
-        if plan.kernels is not None:
-            with torch.autocast(mean.device.type, enabled=False):
-                compiled = fold_kernels.call(
-                    plan.kernels.forward,
-                    weights,
-                    biases,
-                    gammas,
-                    betas,
-                    mean,
-                    inv_std,
-                )
-        if compiled is None:
-            compiled = _fold_eager(
-                plan, weights, biases, gammas, betas, mean, inv_std
-            )
-        outs, folded_b, scale, shift = compiled
+        outs, folded_b, scale, shift = _fold(
+            plan, weights, biases, gammas, betas, mean, inv_std
+        )
         ctx.plan, ctx.n = plan, n
         ctx.inputs = tensors
         ctx.weight_versions = [w._version for w in weights]
@@ -231,33 +214,14 @@ class _FoldGroup(torch.autograd.Function):
         need_w = any(needs[:n])
         need_b = any(needs[n : 2 * n])
         need_gamma = any(needs[2 * n : 3 * n])
-        compiled = None
-        if plan.kernels is not None and all(used):
-            compiled = fold_kernels.call(
-                plan.kernels.backward,
-                weights,
-                grad_ws,
-                grad_b,
-                scale,
-                shift,
-                inv_std,
-                need_w,
-                need_gamma,
-                need_b,
-            )
-        if compiled is not None:
-            grad_w, grad_gamma, grad_bias, grad_b = compiled
-            if grad_w is None:
-                grad_w = [None] * n
-        else:
-            grad_gamma = grad_bias = None
-            grad_w, rows = _weight_grads(
-                weights, grad_ws, scale, plan, need_w, need_gamma
-            )
-            if need_gamma:
-                grad_gamma = torch.addcmul(rows, grad_b, shift).mul_(inv_std)
-            if need_b:
-                grad_bias = grad_b * scale
+        grad_gamma = grad_bias = None
+        grad_w, rows = _weight_grads(
+            weights, grad_ws, scale, plan, need_w, need_gamma
+        )
+        if need_gamma:
+            grad_gamma = torch.addcmul(rows, grad_b, shift).mul_(inv_std)
+        if need_b:
+            grad_bias = grad_b * scale
         # the engine casts each gradient to its input's dtype
         out_w = [
             g if needs[i] and used[i] else None for i, g in enumerate(grad_w)

@@ -190,8 +190,6 @@ class FoldBatch:
             None if device_types is None else frozenset(device_types)
         )
         self.enabled = True
-        # fold with compiled kernels where mmtune.ops.fold_kernels can
-        self.compile_kernels = True
         self.members: List[Tuple[nn.Module, nn.Module, str]] = []
         self._reset()
 
@@ -212,7 +210,6 @@ class FoldBatch:
         return {
             'device_types': self.device_types,
             'enabled': self.enabled,
-            'compile_kernels': self.compile_kernels,
             'members': self.members,
         }
 
@@ -314,9 +311,7 @@ class FoldBatch:
         if len(self._plans) >= 16:
             self._plans.clear()
         names = [self.members[i][2] or f'#{i}' for i in indices]
-        plan = FoldGroupPlan(
-            shapes, out_dtype, names, device if self.compile_kernels else None
-        )
+        plan = FoldGroupPlan(shapes, out_dtype, names)
         if len(set(eps)) == 1:
             eps_value = float(eps[0])
         else:

@@ -173,6 +173,10 @@ def test_profile_tool_cpu():
             '1',
             '--rows',
             '3',
+            '--modes',
+            'eval',
+            'tune',
+            'fold-floor',
             '--cfg-options',
             'synthetic_input.img_size=(32,32)',
             *SMALL_CLS[4:],
@@ -185,3 +189,25 @@ def test_profile_tool_cpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '##### eval: GPU kernel time per step' in proc.stdout
     assert '##### tune: GPU kernel time per step' in proc.stdout
+    assert '##### fold-floor: GPU kernel time per step' in proc.stdout
+
+
+def test_host_overhead_tool_cpu():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            osp.join(TOOLS, 'benchmark_host_overhead.py'),
+            '--steps',
+            '2',
+            '--device',
+            'cpu',
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for mode in ('eval', 'tune', 'tune-alone', 'fold-floor'):
+        assert f'| {mode} |' in proc.stdout
+    assert '| eval | ' in proc.stdout and ' | 1.00 |' in proc.stdout

@@ -2,7 +2,7 @@
 """Benchmark tune mode against eval mode and the alternatives, side by side.
 
     python tools/analysis_tools/benchmark_fast_conv_bn_eval.py CONFIG \\
-        [--modes eval tune tune-alone tune-eager mmengine compile \\
+        [--modes eval tune tune-alone mmengine compile \\
                  compile-fx-pass tune-compile fold-floor] \\
         [--steps 15] [--warmup 5] [--batch-size N] [--img-size H W] \\
         [--amp {none,fp16,bf16}] [--synthetic] [--device cuda|cpu] \\
@@ -17,8 +17,6 @@ statistics) on the same batch, one ``model.train_step`` per step
 - ``tune``: :func:`mmtune.turn_on_fast_conv_bn_eval` on the whole model;
 - ``tune-alone``: the same with ``batch=False`` (each pair folds on its
   own, as before batched folding);
-- ``tune-eager``: batched folding without compiled kernels
-  (:mod:`mmtune.ops.fold_kernels`);
 - ``mmengine``: mmengine's ``turn_on_efficient_conv_bn_eval`` on the
   modules of the config's ``efficient_conv_bn_eval`` key, else
   ``['backbone']`` (it fx-traces each module as a whole);
@@ -63,13 +61,12 @@ from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import MODELS, init_default_scope
 
 from mmtune import fuse_conv_bn, turn_on_fast_conv_bn_eval
-from mmtune.testing import fold_batches, randomize_bn
+from mmtune.testing import randomize_bn
 
 MODES = (
     'eval',
     'tune',
     'tune-alone',
-    'tune-eager',
     'mmengine',
     'compile',
     'compile-fx-pass',
@@ -421,10 +418,6 @@ def setup_mode(run: ModeRun, cfg: Config, args, batch: dict) -> None:
     mode = run.mode
     if mode in ('tune', 'tune-compile'):
         run.pairs = len(turn_on_fast_conv_bn_eval(model).converted)
-    elif mode == 'tune-eager':
-        run.pairs = len(turn_on_fast_conv_bn_eval(model).converted)
-        for fold_batch in fold_batches(model):
-            fold_batch.compile_kernels = False
     elif mode == 'tune-alone':
         report = turn_on_fast_conv_bn_eval(model, batch=False)
         run.pairs = len(report.converted)
