@@ -231,8 +231,8 @@ class FoldBatch:
 
         The caller has checked that the pair folds now (BN in eval mode
         with running statistics, no hooks). This runs at every call of
-        every pair: it reads the module dicts directly and calls no helper
-        on the way to a valid entry.
+        every pair, so it reads the modules' dicts directly, not through
+        ``nn.Module.__getattr__``.
         """
         if not self.enabled or not batch_allowed():
             return None

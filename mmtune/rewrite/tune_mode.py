@@ -265,43 +265,22 @@ class TunePair:
         )
 
     def conv_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        # runs at every call: the checks of bn_uses_running_stats and
-        # hooks_free are written out here
         conv, bn = self.conv, self.bn
         if self.pending is not None:
             self._diverged(
                 f'the output of {self.conv_name} never reached {self.bn_name}'
             )
-        buffers = bn._buffers
+        buffers = bn._buffers  # not nn.Module.__getattr__: every call
         if (
             not self.disabled
             and not bn.training
             and buffers.get('running_mean') is not None
             and buffers.get('running_var') is not None
-            and not (
-                conv._forward_hooks
-                or conv._backward_hooks
-                or bn._forward_pre_hooks
-                or bn._forward_hooks
-                or bn._backward_hooks
-                or any(_GLOBAL_HOOK_DICTS)
-            )
+            and hooks_free(conv, bn)
             and self._called_from_frame()
         ):
-            state = self.fold_state
-            batch = state.batch
-            folded = None
-            if batch is not None:
-                folded = batch.take(state.index, conv, bn)
-            if folded is None:
-                folded = state.fold(conv, bn)
-            if conv.transposed:
-                output_size = args[0] if args else kwargs.get('output_size')
-                out = conv_forward_with(
-                    conv, x, folded[0], folded[1], output_size
-                )
-            else:
-                out = conv._conv_forward(x, folded[0], folded[1])
+            output_size = args[0] if args else kwargs.get('output_size')
+            out = self.fold_state.forward(conv, bn, x, output_size)
             self.pending = out
             return out
         return type(conv).forward(conv, x, *args, **kwargs)

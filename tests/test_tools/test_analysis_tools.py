@@ -161,53 +161,57 @@ def test_check_classifier_and_bad_arguments(check_tool, capsys):
     assert check_tool.main(['no/such/config.py']) == 2
 
 
-def test_profile_tool_cpu():
+def _run_tool(script, *args):
+    """Run a tool in a subprocess; its stdout, after checking it exits 0."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            osp.join(TOOLS, 'profile_fast_conv_bn_eval.py'),
-            CLS,
-            '--device',
-            'cpu',
-            '--steps',
-            '1',
-            '--rows',
-            '3',
-            '--modes',
-            'eval',
-            'tune',
-            'fold-floor',
-            '--cfg-options',
-            'synthetic_input.img_size=(32,32)',
-            *SMALL_CLS[4:],
-        ],
+        [sys.executable, osp.join(TOOLS, script), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert '##### eval: GPU kernel time per step' in proc.stdout
-    assert '##### tune: GPU kernel time per step' in proc.stdout
-    assert '##### fold-floor: GPU kernel time per step' in proc.stdout
+    return proc.stdout
+
+
+def test_profile_tool_cpu():
+    out = _run_tool(
+        'profile_fast_conv_bn_eval.py',
+        CLS,
+        '--device',
+        'cpu',
+        '--steps',
+        '1',
+        '--rows',
+        '3',
+        '--modes',
+        'eval',
+        'tune',
+        'fold-floor',
+        '--cfg-options',
+        'synthetic_input.img_size=(32,32)',
+        *SMALL_CLS[4:],
+    )
+    for mode in ('eval', 'tune', 'fold-floor'):
+        assert f'##### {mode}: GPU kernel time per step' in out
 
 
 def test_host_overhead_tool_cpu():
-    proc = subprocess.run(
-        [
-            sys.executable,
-            osp.join(TOOLS, 'benchmark_host_overhead.py'),
-            '--steps',
-            '2',
-            '--device',
-            'cpu',
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = _run_tool(
+        'benchmark_host_overhead.py', '--steps', '2', '--device', 'cpu'
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     for mode in ('eval', 'tune', 'tune-alone', 'fold-floor'):
-        assert f'| {mode} |' in proc.stdout
-    assert '| eval | ' in proc.stdout and ' | 1.00 |' in proc.stdout
+        assert f'| {mode} |' in out
+    assert '| eval | ' in out and ' | 1.00 |' in out
+
+
+def test_memory_timeline_tool_cpu():
+    out = _run_tool(
+        'memory_timeline_fast_conv_bn_eval.py',
+        '--batch-size',
+        '1',
+        '--img-size',
+        '32',
+    )
+    assert '| pair by pair | ' in out
+    assert '| batched | ' in out
