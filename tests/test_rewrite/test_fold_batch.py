@@ -145,6 +145,14 @@ def test_changes_between_forwards_are_seen():
         model.b1.eval()
         model.b1.bn.eps = 1e-2
     assert compare_models(ref, tuned, x, rtol=1e-10) == []
+    tuned(_x(3))
+    mean = torch.randn_like(ref.b1.bn.running_mean)
+    for model in (ref, tuned):
+        # a buffer replaced by a new tensor, a conv frozen
+        model.b1.bn.running_mean = mean.clone()
+        model.b1.conv.weight.requires_grad_(False)
+    assert compare_models(ref, tuned, x, rtol=1e-10) == []
+    assert tuned.b1.conv.weight.grad is None
 
 
 def test_weight_changed_before_backward_is_refused_as_in_eval_mode():
