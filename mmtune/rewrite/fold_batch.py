@@ -60,10 +60,6 @@ _is_compiling = getattr(
 )
 
 
-def _compiling() -> bool:
-    return bool(_is_compiling())
-
-
 def batch_allowed() -> bool:
     """Whether a pair called now may take a batch-folded weight."""
     return (
@@ -125,11 +121,10 @@ def _pair_stamp(bn, cp: dict, bp: dict, bb: dict) -> tuple:
     )
 
 
-def _trainable(weight: Tensor, cp: dict, bp: dict) -> bool:
-    """Autograd would record this pair's fold, and a group can take it
-    (``cp``/``bp``: the conv's and the BN's parameters)."""
-    if not weight.is_contiguous() or weight.numel() == 0:
-        return False
+def needs_grad(weight: Tensor, cp: dict, bp: dict) -> bool:
+    """Whether any parameter of a pair requires grad (``cp``/``bp``: the
+    conv's and the BN's parameters): its fold is then recorded by autograd
+    when grad mode is on."""
     if weight.requires_grad:
         return True
     bias, gamma, beta = cp.get('bias'), bp.get('weight'), bp.get('bias')
@@ -137,6 +132,15 @@ def _trainable(weight: Tensor, cp: dict, bp: dict) -> bool:
         (bias is not None and bias.requires_grad)
         or (gamma is not None and gamma.requires_grad)
         or (beta is not None and beta.requires_grad)
+    )
+
+
+def _trainable(weight: Tensor, cp: dict, bp: dict) -> bool:
+    """Autograd would record this pair's fold, and a group can take it."""
+    return (
+        weight.is_contiguous()
+        and weight.numel() > 0
+        and needs_grad(weight, cp, bp)
     )
 
 

@@ -37,10 +37,10 @@ from .analysis import (
 )
 from .fold_batch import (
     FoldBatch,
-    _compiling,
     _is_compiling,
     _pair_stamp,
     check_batch_arg,
+    needs_grad,
 )
 from .report import ConvBNReport, SkipRecord
 
@@ -157,19 +157,13 @@ class FoldState:
             gamma,
             beta,
         )
-        if _compiling():
+        if _is_compiling():
             return fold_conv_bn(*tensors, bn.eps, conv.transposed, conv.groups)
         # Without autograd there is no graph to rebuild, so the folded
         # tensors can be reused until an input changes: in validation, and
         # for frozen layers (frozen_stages) in training.
         cacheable = not torch.is_inference_mode_enabled() and not (
-            torch.is_grad_enabled()
-            and (
-                weight.requires_grad
-                or (bias is not None and bias.requires_grad)
-                or (gamma is not None and gamma.requires_grad)
-                or (beta is not None and beta.requires_grad)
-            )
+            torch.is_grad_enabled() and needs_grad(weight, cp, bp)
         )
         stamp = None
         if not cacheable:
