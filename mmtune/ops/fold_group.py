@@ -180,32 +180,30 @@ class _FoldGroup(torch.autograd.Function):
             plan, weights, biases, gammas, betas, mean, inv_std
         )
         ctx.plan, ctx.n = plan, n
-        ctx.inputs = tensors
-        ctx.weight_versions = [w._version for w in weights]
-        ctx.save_for_backward(scale, shift, inv_std)
+        # Only the parameters are held, and only two per-channel vectors
+        # saved: the scale is recomputed from gamma and inv_std in the
+        # backward, the running mean given back by the shift (double
+        # backward). That keeps no more alive than folding pair by pair.
+        ctx.inputs = tensors[: 4 * n]
+        ctx.versions = _versions(weights, gammas)
+        ctx.save_for_backward(shift, inv_std)
         ctx.set_materialize_grads(False)
         return (*outs, folded_b)
 
     @staticmethod
     def backward(ctx, *grads):
         plan, n = ctx.plan, ctx.n
-        weights = ctx.inputs[:n]
-        for i, (w, version) in enumerate(zip(weights, ctx.weight_versions)):
-            if w._version != version:
-                name = plan.names[i] if plan.names else f'#{i}'
-                raise RuntimeError(
-                    'one of the variables needed for gradient computation '
-                    'has been modified by an inplace operation: the weight '
-                    f'of conv {name} is at version {w._version}; expected '
-                    f'version {version} instead.'
-                )
+        weights, gammas = ctx.inputs[:n], ctx.inputs[2 * n : 3 * n]
+        _check_versions(plan, weights, gammas, ctx.versions)
         if torch.is_grad_enabled():  # create_graph=True: differentiable
             return (None, None) + _fold_group_backward_autograd(ctx, grads)
         grad_ws, grad_b = grads[:n], grads[n]
         used = [g is not None for g in grad_ws]
         if not any(used):
             return (None,) * (2 + 4 * n + 2)
-        scale, shift, inv_std = ctx.saved_tensors
+        shift, inv_std = ctx.saved_tensors
+        # the same operation on the same values as in the forward
+        scale = inv_std if gammas[0] is None else torch.cat(gammas) * inv_std
         dtype = scale.dtype
         if grad_b is None:
             grad_b = scale.new_zeros(scale.shape)
@@ -232,6 +230,31 @@ class _FoldGroup(torch.autograd.Function):
         return (None, None, *out_w, *out_b, *out_g, *out_beta, None, None)
 
 
+def _versions(weights, gammas) -> List[int]:
+    versions = [w._version for w in weights]
+    if gammas[0] is not None:
+        versions += [g._version for g in gammas]
+    return versions
+
+
+def _check_versions(plan, weights, gammas, versions) -> None:
+    """Raise as autograd does when a tensor the backward needs was
+    modified in place after the forward."""
+    n = len(weights)
+    tensors = list(weights) + ([] if gammas[0] is None else list(gammas))
+    for k, (t, version) in enumerate(zip(tensors, versions)):
+        if t._version != version:
+            i = k % n
+            name = plan.names[i] if plan.names else f'#{i}'
+            what = 'the weight of conv' if k < n else 'gamma of the BN after'
+            raise RuntimeError(
+                'one of the variables needed for gradient computation '
+                f'has been modified by an inplace operation: {what} '
+                f'{name} is at version {t._version}; expected version '
+                f'{version} instead.'
+            )
+
+
 def _split(
     flat: Optional[Tensor],
     plan: FoldGroupPlan,
@@ -252,23 +275,28 @@ def _fold_group_backward_autograd(ctx, grads) -> tuple:
     """The backward as differentiable per-pair folds (double backward)."""
     plan, n = ctx.plan, ctx.n
     tensors = ctx.inputs
-    _, _, inv_std = ctx.saved_tensors
+    shift, inv_std = ctx.saved_tensors
     grad_ws, grad_b = grads[:n], grads[n]
     offsets = [0]
     for c in plan.channels:
         offsets.append(offsets[-1] + c)
     result: List[Optional[Tensor]] = [None] * (4 * n + 2)
-    mean = tensors[4 * n]
     for i in range(n):
         if grad_ws[i] is None:
             continue
         lo, hi = offsets[i], offsets[i + 1]
         inputs = [tensors[k * n + i] for k in range(4)]
+        # the running mean from the shift (b - mean, or -mean): exact
+        # without a conv bias; with one, b - mean may come back one rounding
+        # of b away from the shift of the forward
+        mean = -shift[lo:hi]
+        if inputs[1] is not None:
+            mean = mean + inputs[1].detach()
         with torch.enable_grad():
             w, b = fold_conv_bn(
                 inputs[0],
                 inputs[1],
-                mean[lo:hi],
+                mean,
                 None,
                 inputs[2],
                 inputs[3],

@@ -201,6 +201,19 @@ def test_weight_modified_before_backward_is_refused():
         loss.backward()
 
 
+def test_gamma_modified_before_backward_is_refused():
+    """The backward recomputes the scale from gamma, so a gamma changed in
+    place after the forward must be refused, as autograd refuses a
+    modified saved tensor."""
+    pairs = _pairs(False, True)
+    gw, gb = _group(pairs)
+    loss = sum(w.sum() for w in gw) + gb.sum()
+    with torch.no_grad():
+        pairs[1]['gamma'].mul_(2)
+    with pytest.raises(RuntimeError, match='gamma of the BN after'):
+        loss.backward()
+
+
 def test_output_dtype_and_gradient_dtype():
     pairs = _pairs(True, True, dtype=torch.float32)
     gw, gb = _group(pairs, out_dtype=torch.bfloat16)

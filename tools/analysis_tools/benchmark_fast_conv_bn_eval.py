@@ -476,6 +476,7 @@ def measure_cuda_memory(run: ModeRun, args, base: int) -> None:
     other modes' resident models are not counted)."""
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
+    requested_before = _requested_bytes('current')
     torch.cuda.reset_peak_memory_stats()
     train_step(run, args.seed)
     torch.cuda.synchronize()
@@ -486,6 +487,20 @@ def measure_cuda_memory(run: ModeRun, args, base: int) -> None:
         allocated_before_step_mib=(before - base) / MiB,
         raw_peak_allocated_mib=peak / MiB,
     )
+    requested_peak = _requested_bytes('peak')
+    if requested_before is not None and requested_peak is not None:
+        run.memory['step_peak_requested_mib'] = (
+            requested_peak - requested_before
+        ) / MiB
+
+
+def _requested_bytes(which: str) -> Optional[int]:
+    """The bytes the tensors asked the CUDA allocator for (``which``:
+    'current' or 'peak'). Allocated bytes also count what the allocator
+    rounds up or leaves unsplit in a block, which depends on the order of
+    earlier allocations and varies by a few MiB between runs of the same
+    code; this counts only what the tensors asked for."""
+    return torch.cuda.memory_stats().get(f'requested_bytes.all.{which}')
 
 
 def measure_saved_tensors(run: ModeRun) -> None:
@@ -615,6 +630,7 @@ def markdown_table(results: List[dict], cuda: bool) -> Tuple[str, str]:
             'step peak memory (MiB)',
             f'ratio to {base_name}',
             'absolute peak (MiB)',
+            'step peak, tensors (MiB)',
         ]
     else:
         head = ['mode', 'saved for backward (MiB)', f'ratio to {base_name}']
@@ -637,7 +653,11 @@ def markdown_table(results: List[dict], cuda: bool) -> Tuple[str, str]:
                 _ratio(mem, base_mem),
             ]
             if cuda:
-                cells.append(f'{r["memory"]["absolute_peak_mib"]:.1f}')
+                requested = r['memory'].get('step_peak_requested_mib')
+                cells += [
+                    f'{r["memory"]["absolute_peak_mib"]:.1f}',
+                    'n/a' if requested is None else f'{requested:.2f}',
+                ]
             cells += [
                 '' if ms is None else f'{ms:.1f}',
                 _ratio(ms, base_time),
@@ -883,7 +903,9 @@ def main(argv=None) -> int:
         + (
             'Memory: peak allocated during one step minus what was '
             'allocated before it (absolute: minus what was allocated '
-            "before the mode's model came to the GPU)."
+            "before the mode's model came to the GPU; tensors: the same "
+            "for the bytes tensors requested, without the allocator's "
+            'rounding).'
             if cuda
             else 'Memory: bytes autograd saves for backward in one '
             'training forward (unique storages, parameters excluded).'
