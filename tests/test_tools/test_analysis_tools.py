@@ -215,3 +215,54 @@ def test_memory_timeline_tool_cpu():
     )
     assert '| pair by pair | ' in out
     assert '| batched | ' in out
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(
+        name, osp.join(TOOLS, f'{name}.py')
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_at_peak_replays_a_trace():
+    """The peak of a step's own allocations and what is alive then, from
+    an allocator trace (frees of earlier allocations lower the count)."""
+    tool = _load_tool('memory_at_peak_fast_conv_bn_eval')
+    trace = [
+        dict(action='alloc', addr=1, size=100),
+        dict(action='alloc', addr=2, size=50),
+        dict(action='free_requested', addr=1, size=100),
+        dict(action='free_completed', addr=1, size=100),
+        dict(action='free_completed', addr=9, size=30),  # from before
+        dict(action='alloc', addr=3, size=50),
+        dict(action='alloc', addr=4, size=70),
+        dict(action='free_completed', addr=3, size=50),
+    ]
+    peak, sizes = tool._alive_at_trace_peak(trace)
+    assert peak == 150  # 100 + 50, before 50 + 50 + 70 - 30 = 140
+    assert sizes == {100: 1, 50: 1}
+    a = dict(mode='mmengine', sizes=sizes)
+    b = dict(mode='tune', sizes={100: 1, 50: 3})
+    table = tool.size_diff(a, b)
+    assert '| 50 | +0.000 | 3 | 1 |' in table
+
+
+@pytest.mark.skipif(
+    __import__('torch').cuda.is_available(), reason='checks the CPU error'
+)
+def test_memory_at_peak_needs_cuda():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            osp.join(TOOLS, 'memory_at_peak_fast_conv_bn_eval.py'),
+            DEMO,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert 'needs a CUDA device' in proc.stderr
