@@ -92,16 +92,27 @@ def fold_conv_bn(
         inv_std = bn_inv_std(running_var, eps)
     scale = inv_std if bn_weight is None else bn_weight * inv_std
     weight = _scale_out_channels(conv_weight, scale, transposed, groups)
+    bias = fold_bias(conv_bias, running_mean, scale, bn_bias)
+    dtype = conv_weight.dtype
+    return weight.to(dtype), bias.to(dtype)
+
+
+def fold_bias(
+    conv_bias: Optional[Tensor],
+    running_mean: Tensor,
+    scale: Tensor,
+    bn_bias: Optional[Tensor],
+) -> Tensor:
+    """The folded bias ``beta + scale * (b - mean)``, where ``scale`` is
+    ``gamma / sqrt(var + eps)`` (no conv bias: ``b = 0``; no affine:
+    ``beta = 0``). Differentiable in every input."""
     if conv_bias is None:
         shift = running_mean.neg()
     else:
         shift = conv_bias - running_mean
     if bn_bias is None:
-        bias = scale * shift
-    else:
-        bias = torch.addcmul(bn_bias, scale, shift)
-    dtype = conv_weight.dtype
-    return weight.to(dtype), bias.to(dtype)
+        return scale * shift
+    return torch.addcmul(bn_bias, scale, shift)
 
 
 def conv_forward_with(

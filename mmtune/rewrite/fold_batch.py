@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..ops import FoldGroupPlan, fold_conv_bn_group
+from ..ops import FoldGroupPlan, bn_inv_std, fold_bias, fold_conv_bn_group
 
 
 def _private(module, name):
@@ -159,10 +159,14 @@ class _Folded:
     groups' backward hooks).
 
     An entry is a list ``[weight, weak, bias, stamp, inputs]`` (a list, not
-    an object: one is read at every call). The weight is held until the pair
-    takes it, then only weakly (``weak``): the convolution keeps it for its
-    backward and frees it there, as when folding pair by pair; a pair
-    called again in the same forward finds it alive.
+    an object: one is read at every call). The weight and bias are held
+    until the pair takes them; then the weight only weakly (``weak``): the
+    convolution keeps it for its backward and frees it there, as when
+    folding pair by pair. The bias is let go: the convolution does not keep
+    it, so the groups' bias vector is freed once every pair has run, as a
+    pair's own folded bias is. A pair called again in the same forward
+    finds its weight alive and folds only its bias again
+    (:func:`_refold_bias`).
     """
 
     __slots__ = ('entries', '__weakref__')
@@ -171,12 +175,26 @@ class _Folded:
         self.entries: Dict[int, list] = {}
 
 
-def _take_entry(entry: list) -> Optional[Tensor]:
+def _take_entry(entry: list) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    """The entry's weight and bias (None for a bias already taken), or
+    None if its weight is gone."""
     weight = entry[0]
     if weight is not None:
-        entry[0], entry[1] = None, weakref.ref(weight)
-        return weight
-    return entry[1]()
+        bias = entry[2]
+        entry[0], entry[1], entry[2] = None, weakref.ref(weight), None
+        return weight, bias
+    weight = entry[1]()
+    return None if weight is None else (weight, None)
+
+
+def _refold_bias(inputs: tuple, eps, dtype: torch.dtype) -> Tensor:
+    """A pair's folded bias alone, differentiable, by the operations of the
+    group's fold (so the same values)."""
+    _, bias, gamma, beta, mean, var, _ = inputs
+    scale = bn_inv_std(var, eps)
+    if gamma is not None:
+        scale = gamma * scale
+    return fold_bias(bias, mean, scale, beta).to(dtype)
 
 
 class FoldBatch:
@@ -252,15 +270,18 @@ class FoldBatch:
         folded = self._folded.get(key)
         entry = None if folded is None else folded.entries.get(index)
         if entry is not None and entry[3] == _pair_stamp(bn, cp, bp, bb):
-            weight = _take_entry(entry)
-            if weight is not None:
-                return weight, entry[2]
+            taken = _take_entry(entry)
+            if taken is not None:
+                if taken[1] is None:  # called again in this forward
+                    bias = _refold_bias(entry[4], bn.eps, taken[0].dtype)
+                    return taken[0], bias
+                return taken
         # no valid entry: fold the whole batch anew (this pair is not in
         # it if it is not trainable)
         entry = self._fold(key).entries.get(index)
         if entry is None:
             return None
-        return _take_entry(entry), entry[2]
+        return _take_entry(entry)
 
     def _fold(self, key: tuple) -> _Folded:
         device, amp_dtype = key

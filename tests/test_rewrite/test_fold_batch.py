@@ -122,6 +122,30 @@ def test_two_forwards_one_backward_and_retain_graph():
     assert batch.folds == 2  # one per backward
 
 
+def test_bias_vector_let_go_and_refolded_for_a_second_call():
+    """Taken entries hold no bias (the group's bias vector is freed once
+    every pair has run); a pair called again folds its bias alone, to the
+    same bits, without folding the batch again."""
+    _, tuned = _models()
+    tuned.use_aux = True
+    (batch,) = _batches(tuned)
+    x = _x()
+    tuned(x).sum().backward()  # the first step folds
+    tuned.zero_grad()
+    h = tuned.b2(tuned.b1(tuned.stem(x)))
+    first = tuned.shared(h)  # takes the group's weight and bias
+    again = tuned.shared(h)  # weight alive (kept by the conv), bias refolded
+    assert torch.equal(first, again)
+    side = tuned.aux(again)  # every pair has now taken its entry
+    assert batch.folds == 2
+    (folded,) = batch._folded.values()
+    assert folded.entries and all(
+        e[2] is None for e in folded.entries.values()
+    )
+    (first + again + side).sum().backward()
+    assert tuned.shared.bn.weight.grad is not None
+
+
 def test_forward_without_backward_then_training():
     ref, tuned = _models()
     x = [_x()]
