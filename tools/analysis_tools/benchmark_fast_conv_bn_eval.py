@@ -337,7 +337,9 @@ def turn_on_mmengine(cfg: Config, model: torch.nn.Module) -> int:
 
 
 def _compile(model: torch.nn.Module, fx_pass: bool = False) -> None:
-    # mmengine's `compile=True`: the forward, not train_step, is compiled.
+    # The forward is compiled, not train_step as mmengine's `compile=True`
+    # does: dynamo cannot trace mmengine's AmpOptimWrapper.optim_context
+    # (docs/config.md), and the optimizer step is the same in every mode.
     # Separate options give a separate backend, so dynamo does not reuse
     # one mode's compiled code for another mode's model.
     options = {'efficient_conv_bn_eval_fx_passes': True} if fx_pass else None
