@@ -1,11 +1,18 @@
 # Copyright (c) mmtune contributors. All rights reserved.
 """The maths layer: torch only, no mmengine/mmcv/mmdet."""
 
-from .conv_bn import bn_inv_std, conv_forward_with, fold_bias, fold_conv_bn
+from .conv_bn import (
+    bn_inv_std,
+    bn_scale,
+    conv_forward_with,
+    fold_bias,
+    fold_conv_bn,
+)
 from .fold_group import FoldGroupPlan, fold_conv_bn_group
 
 __all__ = [
     'bn_inv_std',
+    'bn_scale',
     'fold_conv_bn',
     'fold_bias',
     'conv_forward_with',

@@ -90,11 +90,17 @@ def fold_conv_bn(
     """
     if inv_std is None:
         inv_std = bn_inv_std(running_var, eps)
-    scale = inv_std if bn_weight is None else bn_weight * inv_std
+    scale = bn_scale(inv_std, bn_weight)
     weight = _scale_out_channels(conv_weight, scale, transposed, groups)
     bias = fold_bias(conv_bias, running_mean, scale, bn_bias)
     dtype = conv_weight.dtype
     return weight.to(dtype), bias.to(dtype)
+
+
+def bn_scale(inv_std: Tensor, bn_weight: Optional[Tensor]) -> Tensor:
+    """``gamma / sqrt(var + eps)`` from the inverse std (``gamma = 1``
+    without affine): what folding multiplies each output channel by."""
+    return inv_std if bn_weight is None else bn_weight * inv_std
 
 
 def fold_bias(

@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .conv_bn import fold_conv_bn
+from .conv_bn import bn_scale, fold_conv_bn
 
 
 class FoldGroupPlan:
@@ -149,10 +149,15 @@ def _weight_grads(
     return grad_ws, rows
 
 
+def _group_scale(gammas, inv_std: Tensor) -> Tensor:
+    """All pairs' ``gamma / sqrt(var + eps)``, one vector."""
+    return bn_scale(inv_std, None if gammas[0] is None else torch.cat(gammas))
+
+
 def _fold(plan, weights, biases, gammas, betas, mean, inv_std):
     """The forward of :class:`_FoldGroup`: folded weights, folded bias,
     scale and shift."""
-    scale = inv_std if gammas[0] is None else torch.cat(gammas) * inv_std
+    scale = _group_scale(gammas, inv_std)
     shift = mean.neg() if biases[0] is None else torch.cat(biases) - mean
     outs = _fold_weights(weights, scale, plan)
     if betas[0] is None:
@@ -203,7 +208,7 @@ class _FoldGroup(torch.autograd.Function):
             return (None,) * (2 + 4 * n + 2)
         shift, inv_std = ctx.saved_tensors
         # the same operation on the same values as in the forward
-        scale = inv_std if gammas[0] is None else torch.cat(gammas) * inv_std
+        scale = _group_scale(gammas, inv_std)
         dtype = scale.dtype
         if grad_b is None:
             grad_b = scale.new_zeros(scale.shape)

@@ -38,7 +38,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..ops import FoldGroupPlan, bn_inv_std, fold_bias, fold_conv_bn_group
+from ..ops import (
+    FoldGroupPlan,
+    bn_inv_std,
+    bn_scale,
+    fold_bias,
+    fold_conv_bn_group,
+)
 
 
 def _private(module, name):
@@ -191,9 +197,7 @@ def _refold_bias(inputs: tuple, eps, dtype: torch.dtype) -> Tensor:
     """A pair's folded bias alone, differentiable, by the operations of the
     group's fold (so the same values)."""
     _, bias, gamma, beta, mean, var, _ = inputs
-    scale = bn_inv_std(var, eps)
-    if gamma is not None:
-        scale = gamma * scale
+    scale = bn_scale(bn_inv_std(var, eps), gamma)
     return fold_bias(bias, mean, scale, beta).to(dtype)
 
 
