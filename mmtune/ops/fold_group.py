@@ -235,18 +235,20 @@ class _FoldGroup(torch.autograd.Function):
         return (None, None, *out_w, *out_b, *out_g, *out_beta, None, None)
 
 
+def _watched(weights, gammas) -> List[Tensor]:
+    """The inputs the backward computes from: weights, then gammas."""
+    return list(weights) + ([] if gammas[0] is None else list(gammas))
+
+
 def _versions(weights, gammas) -> List[int]:
-    versions = [w._version for w in weights]
-    if gammas[0] is not None:
-        versions += [g._version for g in gammas]
-    return versions
+    return [t._version for t in _watched(weights, gammas)]
 
 
 def _check_versions(plan, weights, gammas, versions) -> None:
     """Raise as autograd does when a tensor the backward needs was
     modified in place after the forward."""
     n = len(weights)
-    tensors = list(weights) + ([] if gammas[0] is None else list(gammas))
+    tensors = _watched(weights, gammas)
     for k, (t, version) in enumerate(zip(tensors, versions)):
         if t._version != version:
             i = k % n
