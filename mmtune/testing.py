@@ -8,6 +8,7 @@ check_fast_conv_bn_eval.py``; usable on any model.
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
@@ -129,16 +130,28 @@ def _probe_like(t: Tensor) -> Tensor:
 def fold_batches(model: nn.Module) -> list:
     """The :class:`~mmtune.rewrite.fold_batch.FoldBatch` objects that the
     tune-mode pairs of ``model`` fold in (empty when batching is off)."""
-    from mmtune.rewrite.tune_mode import FoldState
+    from mmtune.rewrite.tune_mode import tune_pairs
 
     found = []
-    for module in model.modules():
-        fn = module.__dict__.get('forward')
-        state = getattr(getattr(fn, '__self__', None), 'fold_state', None)
-        batch = state.batch if isinstance(state, FoldState) else None
+    for pair in tune_pairs(model):
+        batch = pair.batch
         if batch is not None and all(batch is not b for b in found):
             found.append(batch)
     return found
+
+
+class count_batch_norm_calls(torch.overrides.TorchFunctionMode):
+    """Counts the calls of ``F.batch_norm`` inside the ``with`` block
+    (``.calls``): a converted pair that folds runs none."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (F.batch_norm, torch.batch_norm):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
 
 
 def max_relative_error(a: Tensor, b: Tensor) -> float:

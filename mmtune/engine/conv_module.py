@@ -22,65 +22,56 @@ from mmcv.cnn import ConvModule
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mmtune.rewrite.analysis import (
-    bn_problem,
-    conv_problem,
-    hooks_problem,
+from mmtune.rewrite.guards import (
     instance_forward,
     is_mmtune_forward,
+    pair_problem,
 )
-from mmtune.rewrite.fold_batch import bn_uses_running_stats
 from mmtune.rewrite.handlers import (
     FrameHandler,
     HandledFrame,
     register_frame_handler,
 )
-from mmtune.rewrite.tune_mode import FoldState, hooks_free
 
 
 class TuneConvModule:
-    """The tune-mode forward of one ``ConvModule`` instance."""
+    """The tune-mode forward of one ``ConvModule`` instance: the steps of
+    ``ConvModule.forward``, with the conv call armed to fold when this call
+    applies the norm right after it."""
 
     _mmtune_forward_owner = True
 
     def __init__(self, module: ConvModule):
         self.module = module
-        self.fold_state = FoldState()
-
-    def __getstate__(self):
-        return {'module': self.module}
-
-    def __setstate__(self, state):
-        self.__init__(state['module'])
-
-    def _fold_now(self, norm: bool, index: int) -> bool:
-        m = self.module
-        order = m.order
-        return (
-            norm
-            and m.with_norm
-            and index + 1 < len(order)
-            and order[index + 1] == 'norm'
-            and isinstance(m.norm, _BatchNorm)
-            and bn_uses_running_stats(m.norm)
-            and hooks_free(m.conv, m.norm)
-            and instance_forward(m.conv) is None
-            and instance_forward(m.norm) is None
-        )
+        self.pair = None  # the TunePair of module.conv -> module.norm
 
     def forward(
         self, x: Tensor, activate: bool = True, norm: bool = True
     ) -> Tensor:
         m = self.module
         order = m.order
+        pair = self.pair
         index = 0
         while index < len(order):
             layer = order[index]
             if layer == 'conv':
                 if m.with_explicit_padding:
                     x = m.padding_layer(x)
-                if self._fold_now(norm, index):
-                    x = self.fold_state.forward(m.conv, m.norm, x)
+                if (
+                    pair is not None
+                    and norm
+                    and m.with_norm
+                    and index + 1 < len(order)
+                    and order[index + 1] == 'norm'
+                ):
+                    # conv then norm, as ConvModule.forward computes them;
+                    # the pair folds if its own checks allow it
+                    pair.armed = True
+                    try:
+                        x = m.conv(x)
+                    finally:
+                        pair.armed = False
+                    x = m.norm(x)
                     index += 1  # the norm is done
                 else:
                     x = m.conv(x)
@@ -130,11 +121,7 @@ class ConvModuleHandler(FrameHandler):
                 'the ConvModule has a forward wrapper installed on the '
                 'instance',
             )
-        reason: Optional[str] = (
-            conv_problem(module.conv)
-            or bn_problem(module.norm)
-            or hooks_problem(module.conv, module.norm)
-        )
+        reason: Optional[str] = pair_problem(module.conv, module.norm)
         if reason is not None:
             return HandledFrame(None, callees, reason)
         return HandledFrame(pair, callees)
@@ -145,12 +132,8 @@ class ConvModuleHandler(FrameHandler):
         module.forward = TuneConvModule(module).forward
         return True
 
-    def fold_state(self, module: nn.Module) -> Optional[FoldState]:
-        fn = instance_forward(module)
-        runtime = getattr(fn, '__self__', None)
-        if isinstance(runtime, TuneConvModule):
-            return runtime.fold_state
-        return None
+    def attach(self, module: nn.Module, runtime) -> None:
+        instance_forward(module).__self__.pair = runtime
 
     def turn_off(self, module: nn.Module) -> bool:
         if not is_mmtune_forward(instance_forward(module)):

@@ -15,19 +15,12 @@ its children are frames of their own.
 """
 
 import contextlib
+import os
+import sys
 import types
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import (
-    Callable,
-    Dict,
-    FrozenSet,
-    List,
-    Optional,
-    Sequence,
-    Set,
-    Tuple,
-)
+from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -36,115 +29,68 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from .guards import instance_forward, is_mmtune_forward, pair_problem
 from .handlers import get_frame_handler
 from .report import SkipRecord
 
 #: At most this many traced paths per frame and training mode.
 MAX_PATHS_PER_FRAME = 64
 
-_PLAIN_CONV_FORWARDS = {
-    cls.forward
-    for cls in (
-        nn.Conv1d,
-        nn.Conv2d,
-        nn.Conv3d,
-        nn.ConvTranspose1d,
-        nn.ConvTranspose2d,
-        nn.ConvTranspose3d,
-    )
-}
-_PLAIN_CONV_FORWARD_IMPLS = {
-    cls._conv_forward for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-}
-_PLAIN_BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+_FX_DIR = os.path.dirname(fx.__file__)
+_MODULE_FILE = nn.modules.module.__file__
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
+_is_fx_code: Dict[types.CodeType, bool] = {}
 
 
-def instance_forward(module: nn.Module) -> Optional[Callable]:
-    """The ``forward`` set on the instance (not its class), if any."""
-    return module.__dict__.get('forward')
+class _Checkpoint:
+    """Stands in a call chain for ``torch.utils.checkpoint.checkpoint``: at
+    run time the function it calls is called from that module's code."""
+
+    def __repr__(self) -> str:
+        return '<checkpoint>'
+
+    def __reduce__(self):
+        return 'CHECKPOINT'  # pickles and copies as the one instance
 
 
-def is_mmtune_forward(fn: Optional[Callable]) -> bool:
-    """Whether ``fn`` is a forward that mmtune installed."""
-    owner = getattr(fn, '__self__', None)
-    return bool(getattr(owner, '_mmtune_forward_owner', False))
+#: The end of a call chain that goes through ``torch.utils.checkpoint``.
+CHECKPOINT = _Checkpoint()
+
+#: A call chain: the code objects from the function that calls a module up
+#: to the frame's ``forward`` (outermost last), or up to a checkpoint.
+Chain = Tuple[object, ...]
 
 
-def conv_problem(conv: nn.Module) -> Optional[str]:
-    """Why ``conv`` cannot be folded into, or None when it can."""
-    if not isinstance(conv, _ConvNd):
-        return f'{type(conv).__name__} is not a convolution'
-    cls = type(conv)
-    if cls.forward not in _PLAIN_CONV_FORWARDS or (
-        not conv.transposed
-        and cls._conv_forward not in _PLAIN_CONV_FORWARD_IMPLS
-    ):
-        return (
-            f'the conv type {cls.__name__} has its own forward (e.g. '
-            'weight standardisation or adaptive padding)'
+def _fx_internal(code: types.CodeType) -> bool:
+    known = _is_fx_code.get(code)
+    if known is None:
+        known = code.co_filename.startswith(_FX_DIR) or (
+            code.co_filename == _MODULE_FILE
         )
-    fn = instance_forward(conv)
-    if fn is not None and not is_mmtune_forward(fn):
-        return 'the conv has a forward wrapper installed on the instance'
-    return None
+        _is_fx_code[code] = known
+    return known
 
 
-def bn_problem(bn: nn.Module) -> Optional[str]:
-    """Why ``bn`` cannot be folded, or None when it can."""
-    cls = type(bn)
-    if cls.forward not in _PLAIN_BN_FORWARDS:
-        return f'the BN type {cls.__name__} has its own forward'
-    if bn.running_mean is None or bn.running_var is None:
-        return 'the BN has no running statistics (track_running_stats=False)'
-    fn = instance_forward(bn)
-    if fn is not None and not is_mmtune_forward(fn):
-        return 'the BN has a forward wrapper installed on the instance'
-    return None
-
-
-def hooks_problem(conv: nn.Module, bn: nn.Module) -> Optional[str]:
-    """Why hooks make folding unsafe, or None.
-
-    Hooks on the conv would see the folded output; hooks on the BN its
-    folded input.
-    """
-    if (
-        conv._forward_hooks
-        or conv._backward_hooks
-        or getattr(conv, '_backward_pre_hooks', None)
-    ):
-        return 'the conv has forward or backward hooks'
-    if (
-        bn._forward_pre_hooks
-        or bn._forward_hooks
-        or bn._backward_hooks
-        or getattr(bn, '_backward_pre_hooks', None)
-    ):
-        return 'the BN has forward or backward hooks'
-    return None
-
-
-def frame_codes(frame_cls: type) -> FrozenSet[types.CodeType]:
-    """Code objects that a frame's forward runs as its own: the forward
-    (unwrapped from decorators) and the functions nested in it."""
-    codes: Set[types.CodeType] = set()
-    fn = frame_cls.forward
-    while fn is not None:
-        code = getattr(fn, '__code__', None)
-        if code is not None:
-            stack = [code]
-            while stack:
-                current = stack.pop()
-                if current in codes:
-                    continue
-                codes.add(current)
-                stack.extend(
-                    c
-                    for c in current.co_consts
-                    if isinstance(c, types.CodeType)
-                )
-        fn = getattr(fn, '__wrapped__', None)
-    return frozenset(codes)
+def _caller_chain() -> Chain:
+    """The chain of the module call being traced now (called from
+    :meth:`_FrameTracer.call_module`)."""
+    frame = sys._getframe(2)
+    while frame is not None and _fx_internal(frame.f_code):
+        frame = frame.f_back  # fx's patched Module.__call__
+    chain: List[object] = []
+    while frame is not None:
+        code = frame.f_code
+        if (
+            code is _checkpoint_inline.__code__
+            or code.co_filename == _CHECKPOINT_FILE
+        ):
+            chain.append(CHECKPOINT)
+            break
+        if _fx_internal(code):
+            break  # fx called the frame's forward here
+        chain.append(code)
+        frame = frame.f_back
+    return tuple(chain)
 
 
 class _TooManyPaths(Exception):
@@ -163,9 +109,15 @@ class _FrameTracer(fx.Tracer):
         super().__init__()
         self.decisions = list(decisions)
         self.taken: List[bool] = []
+        # submodule target -> the call chains it was called through
+        self.chains: Dict[str, Set[Chain]] = defaultdict(set)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
+
+    def call_module(self, m, forward, args, kwargs):
+        self.chains[self.path_of_module(m)].add(_caller_chain())
+        return super().call_module(m, forward, args, kwargs)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         index = len(self.taken)
@@ -205,14 +157,19 @@ def _look_through_checkpoint():
         torch.utils.checkpoint.checkpoint = original
 
 
-def _trace_all_paths(frame: nn.Module) -> List[fx.Graph]:
-    """Graphs of ``frame.forward`` for every outcome of its branches."""
+def _trace_all_paths(
+    frame: nn.Module, chains: Dict[str, Set[Chain]]
+) -> List[fx.Graph]:
+    """Graphs of ``frame.forward`` for every outcome of its branches; the
+    call chains of each submodule are added to ``chains``."""
     graphs = []
     todo: List[List[bool]] = [[]]
     while todo:
         prefix = todo.pop()
         tracer = _FrameTracer(prefix)
         graphs.append(tracer.trace(frame))
+        for target, found in tracer.chains.items():
+            chains[target] |= found
         for index in range(len(prefix), len(tracer.taken)):
             todo.append(tracer.taken[:index] + [True])
         if len(graphs) + len(todo) > MAX_PATHS_PER_FRAME:
@@ -239,6 +196,9 @@ class Pair:
     frame: nn.Module
     #: Set for pairs a frame handler (e.g. mmcv ConvModule) takes over.
     handler: Optional[object] = None
+    #: The call chains through which the traced frame called the conv
+    #: (empty for handled pairs: their handler arms each call).
+    chains: FrozenSet[Chain] = frozenset()
 
 
 @dataclass
@@ -307,9 +267,12 @@ class _Collector:
     ) -> Tuple[str, str]:
         if calls[node.target] > 1:
             return ('no', 'the BN is applied more than once')
-        if len(node.args) != 1 or node.kwargs:
-            return ('no', 'the BN is called with more than one argument')
-        src = node.args[0]
+        inputs = list(node.args) + [
+            node.kwargs[k] for k in node.kwargs if k == 'input'
+        ]
+        if len(inputs) != 1 or set(node.kwargs) - {'input'}:
+            return ('no', 'the BN is called with arguments besides its input')
+        src = inputs[0]
         if not isinstance(src, fx.Node) or src.op != 'call_module':
             return ('no', 'the BN input is not a conv output')
         conv = frame.get_submodule(src.target)
@@ -370,7 +333,9 @@ def analyse(model: nn.Module, roots: Sequence[str]) -> Analysis:
     result = Analysis()
     collector = _Collector()
     failed_frames: Dict[str, str] = {}
-    frame_of: Dict[str, Tuple[nn.Module, str]] = {}
+    frame_of: Dict[str, nn.Module] = {}
+    # frame name -> submodule target -> call chains
+    frame_chains: Dict[str, Dict[str, Set[Chain]]] = {}
     handled: Dict[str, Tuple[nn.Module, object, object]] = {}
     flags = {m: m.training for m in model.modules()}
     frames = []
@@ -397,10 +362,11 @@ def analyse(model: nn.Module, roots: Sequence[str]) -> Analysis:
                     )
                     continue
                 graphs = []
+                chains: Dict[str, Set[Chain]] = defaultdict(set)
                 try:
                     for mode in (True, False):
                         model.train(mode)
-                        graphs.extend(_trace_all_paths(frame))
+                        graphs.extend(_trace_all_paths(frame, chains))
                 except _TooManyPaths:
                     failed_frames[name] = (
                         'its forward has more than '
@@ -414,7 +380,8 @@ def analyse(model: nn.Module, roots: Sequence[str]) -> Analysis:
                     continue
                 for graph in graphs:
                     collector.scan(graph, frame, name)
-                frame_of[name] = (frame, name)
+                frame_of[name] = frame
+                frame_chains[name] = chains
     finally:
         _set_training(model, flags)
 
@@ -434,7 +401,7 @@ def analyse(model: nn.Module, roots: Sequence[str]) -> Analysis:
         decided.update((conv_name, bn_name))
         reason = _sites_problem(
             collector, modules, conv_name, bn_name
-        ) or _modules_problem(modules[conv_name], modules[bn_name])
+        ) or pair_problem(modules[conv_name], modules[bn_name])
         if reason is None:
             result.pairs.append(
                 Pair(
@@ -481,10 +448,11 @@ def analyse(model: nn.Module, roots: Sequence[str]) -> Analysis:
         reason = _sites_problem(collector, modules, conv_name, bn_name)
         frame_name = collector.bn_frame[bn_name]
         if reason is None:
-            reason = _modules_problem(modules[conv_name], modules[bn_name])
+            reason = pair_problem(modules[conv_name], modules[bn_name])
         if reason is not None:
             result.skipped.append(SkipRecord((conv_name, bn_name), reason))
             continue
+        local = conv_name[len(frame_name) + 1 :] if frame_name else conv_name
         result.pairs.append(
             Pair(
                 conv_name,
@@ -492,7 +460,8 @@ def analyse(model: nn.Module, roots: Sequence[str]) -> Analysis:
                 modules[conv_name],
                 modules[bn_name],
                 frame_name,
-                frame_of[frame_name][0],
+                frame_of[frame_name],
+                chains=frozenset(frame_chains[frame_name][local]),
             )
         )
 
@@ -527,20 +496,6 @@ def _sites_problem(
             where = ', '.join(sorted(s or '<model>' for s in sites))
             return f'{name} is called from several places ({where})'
     return None
-
-
-def _modules_problem(conv: nn.Module, bn: nn.Module) -> Optional[str]:
-    reason = conv_problem(conv) or bn_problem(bn) or hooks_problem(conv, bn)
-    if reason is None and _out_channels(conv) != bn.num_features:
-        reason = (
-            f'the conv has {_out_channels(conv)} output channels but '
-            f'the BN {bn.num_features} features'
-        )
-    return reason
-
-
-def _out_channels(conv: _ConvNd) -> int:
-    return conv.out_channels
 
 
 def _nearest_failed(name: str, failed: Dict[str, str]) -> Optional[str]:

@@ -9,7 +9,7 @@ from torch import nn
 from ..ops import fold_conv_bn
 from .analysis import analyse
 from .report import ConvBNReport
-from .tune_mode import _resolve_roots, turn_off_fast_conv_bn_eval
+from .tune_mode import resolve_roots, turn_off_fast_conv_bn_eval
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -38,7 +38,7 @@ def fuse_conv_bn(model: nn.Module, modules=None) -> ConvBNReport:
         ConvBNReport: folded pairs and what was skipped, and why.
     """
     start = time.perf_counter()
-    roots = _resolve_roots(model, modules)
+    roots = resolve_roots(model, modules)
     turn_off_fast_conv_bn_eval(model)
     analysis = analyse(model, roots)
     report = ConvBNReport(mode='deploy', skipped=list(analysis.skipped))

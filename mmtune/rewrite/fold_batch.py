@@ -1,29 +1,36 @@
 # Copyright (c) mmtune contributors. All rights reserved.
-"""Tune mode's trainable pairs folded together, once per forward.
+"""Tune mode's pairs folded together, once per forward of the model.
 
 Folding pair by pair adds about four operations to the forward and as many
 autograd nodes to the backward of each pair; a GPU training step mostly
 waits for the CPU to launch operations, so that made tune mode slower than
 eval mode. A :class:`FoldBatch` knows all pairs that one
-:func:`~mmtune.rewrite.turn_on_fast_conv_bn_eval` call converted. The first
-pair called with autograd recording folds every eligible pair of the model
-with :func:`~mmtune.ops.fold_conv_bn_group` (one autograd node per group of
-like pairs) and the others take their folded weight and bias from it.
+:func:`~mmtune.rewrite.turn_on_fast_conv_bn_eval` call converted. Inside one
+call of the model that was turned on (between its forward pre-hook and its
+forward hook), the first pair that folds folds every eligible pair with
+:func:`~mmtune.ops.fold_conv_bn_group` (one autograd node per group of like
+trainable pairs, plain operations for frozen ones) and the others take their
+folded weight and bias from it. Nothing of it outlives that call of the
+model: the folded tensors are let go when it returns.
 
-A folded entry is used while it is valid:
+Inside that call, a folded entry is used only while:
 
-- the backward pass through its group has not run yet (afterwards the
-  entries are dropped and the next call folds anew);
-- none of the tensors it was computed from changed (storage or version:
-  optimizer steps, checkpoint loading, ``.to()``; the BN eps);
-- it was folded for the autocast state of the call.
+- the backward pass through its group has not run (a backward inside the
+  forward drops the entries);
+- none of the tensors it was computed from was replaced or changed in place
+  (storage, version and ``requires_grad`` of each, and the BN eps);
+- it was folded for the autocast and grad mode of the call.
 
-Anything else folds again. Batching is used only where it is safe: autograd
-recording, outside backward passes (reentrant checkpoint recomputation),
-without saved-tensor hooks (non-reentrant checkpointing and offloading
-must find the tensors they saved), outside ``torch.compile`` and functorch
-transforms, and for contiguous, non-transposed conv weights. Elsewhere the
-pair folds alone, exactly as before.
+Otherwise the pair folds alone. A write through ``.data`` bumps no version,
+so one made by the model's own code in the middle of its forward, after the
+batch folded and before the pair runs, would not be seen; writes between
+calls of the model (optimizers, EMA swaps, pruning, loading) always are, as
+every call folds anew. Batching is used only where it is safe: outside
+backward passes (reentrant checkpoint recomputation), without saved-tensor
+hooks (non-reentrant checkpointing and offloading must find the tensors they
+saved), outside ``torch.compile`` and functorch transforms, for convs
+without forward pre-hooks, and for contiguous, non-transposed conv weights.
+Elsewhere the pair folds alone, exactly as before.
 
 A pair that the forward does not call, or whose output does not reach the
 loss, gets no gradient at all, as in eval mode. Its parameters are
@@ -71,8 +78,6 @@ def batch_allowed() -> bool:
     return (
         _CAN_BATCH
         and not _is_compiling()  # first: torch.compile traces no further
-        and torch.is_grad_enabled()
-        and not torch.is_inference_mode_enabled()
         and _graph_task_id() == -1
         and _saved_tensors_hooks(False) is None
         and (_functorch_stack is None or _functorch_stack() is None)
@@ -95,15 +100,14 @@ def check_batch_arg(batch) -> None:
         raise ValueError(f"batch must be 'auto', True or False, got {batch!r}")
 
 
-def _pair_stamp(bn, cp: dict, bp: dict, bb: dict) -> tuple:
-    """What a pair's fold was computed from: the BN eps, and the storage,
+def _stamp(bn, cp: dict, bp: dict, bb: dict) -> tuple:
+    """What a pair's fold is computed from: the BN eps, and the storage,
     version and ``requires_grad`` of each tensor (``cp``/``bp``/``bb``: the
     conv's parameters, the BN's parameters and buffers). One flat tuple,
     built without a loop: this runs at every call."""
-    w, b = cp['weight'], cp.get('bias')
-    g, be = bp.get('weight'), bp.get('bias')
+    w, b = cp['weight'], cp['bias']
+    g, be = bp['weight'], bp['bias']
     mean, var = bb['running_mean'], bb['running_var']
-    nbt = bb.get('num_batches_tracked')
     return (
         bn.eps,
         w.data_ptr(),
@@ -118,12 +122,10 @@ def _pair_stamp(bn, cp: dict, bp: dict, bb: dict) -> tuple:
         None if be is None else be.data_ptr(),
         None if be is None else be._version,
         None if be is None else be.requires_grad,
-        None if mean is None else mean.data_ptr(),
-        None if mean is None else mean._version,
-        None if var is None else var.data_ptr(),
-        None if var is None else var._version,
-        None if nbt is None else nbt.data_ptr(),
-        None if nbt is None else nbt._version,
+        mean.data_ptr(),
+        mean._version,
+        var.data_ptr(),
+        var._version,
     )
 
 
@@ -141,12 +143,20 @@ def needs_grad(weight: Tensor, cp: dict, bp: dict) -> bool:
     )
 
 
-def _trainable(weight: Tensor, cp: dict, bp: dict) -> bool:
-    """Autograd would record this pair's fold, and a group can take it."""
+def _batchable(conv: nn.Module, cp: dict, bp: dict, bb: dict) -> bool:
+    """Whether the pair's tensors are the ones its modules' forwards read,
+    and a group can take them."""
+    weight = cp.get('weight')
     return (
-        weight.is_contiguous()
+        weight is not None
+        and 'bias' in cp
+        and 'weight' in bp
+        and 'bias' in bp
+        and bb.get('running_mean') is not None
+        and bb.get('running_var') is not None
+        and not conv._forward_pre_hooks
+        and weight.is_contiguous()
         and weight.numel() > 0
-        and needs_grad(weight, cp, bp)
     )
 
 
@@ -196,13 +206,17 @@ def _take_entry(entry: list) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
 def _refold_bias(inputs: tuple, eps, dtype: torch.dtype) -> Tensor:
     """A pair's folded bias alone, differentiable, by the operations of the
     group's fold (so the same values)."""
-    _, bias, gamma, beta, mean, var, _ = inputs
+    _, bias, gamma, beta, mean, var = inputs
     scale = bn_scale(bn_inv_std(var, eps), gamma)
     return fold_bias(bias, mean, scale, beta).to(dtype)
 
 
 class FoldBatch:
-    """The pairs of one model that fold together.
+    """The pairs of one model that fold together, once per call of it.
+
+    :meth:`open` and :meth:`close` mark a call of the model (tune mode
+    registers them as its forward pre-hook and forward hook); outside such a
+    call :meth:`take` gives nothing and every pair folds alone.
 
     Args:
         device_types (Sequence[str], optional): Device types on which pairs
@@ -220,16 +234,15 @@ class FoldBatch:
         self._reset()
 
     def _reset(self) -> None:
-        # autocast key -> the latest fold for it
+        # (device, autocast dtype, grad mode) -> this call's fold for it
         self._folded: Dict[tuple, _Folded] = {}
+        self._open = False
         # group layout -> (plan, eps as a float or a per-channel vector)
         self._plans: Dict[tuple, tuple] = {}
-        # each member's module dicts, read at every call (not through
-        # nn.Module.__getattr__)
-        self._dicts = [
-            (bn, conv._parameters, bn._parameters, bn._buffers)
-            for conv, bn, _ in self.members
-        ]
+        # each member's module and dicts, read at every call (not through
+        # nn.Module.__getattr__); built at the first call, since a copy or
+        # an unpickled batch may get its modules before they are whole
+        self._dicts: Optional[list] = None
         self.folds = 0  # how many times the batch was folded
 
     def __getstate__(self):
@@ -246,75 +259,81 @@ class FoldBatch:
     def add(self, conv: nn.Module, bn: nn.Module, name: str = '') -> int:
         """Register a pair; returns its index for :meth:`take`."""
         self.members.append((conv, bn, name))
-        self._dicts.append((bn, conv._parameters, bn._parameters, bn._buffers))
+        self._dicts = None
         return len(self.members) - 1
 
-    def take(
-        self, index: int, conv: nn.Module, bn: nn.Module
-    ) -> Optional[Tuple[Tensor, Tensor]]:
+    def open(self) -> None:
+        """A call of the model begins: nothing folded before it is used."""
+        self._folded = {}
+        self._open = True
+
+    def close(self) -> None:
+        """The call of the model returned: let go of what it folded."""
+        self._folded = {}
+        self._open = False
+
+    def take(self, index: int) -> Optional[Tuple[Tensor, Tensor]]:
         """The folded weight and bias of member ``index``, or None when the
         pair must fold on its own (see the module docstring).
 
         The caller has checked that the pair folds now (BN in eval mode
-        with running statistics, no hooks). This runs at every call of
-        every pair, so it reads the modules' dicts directly, not through
-        ``nn.Module.__getattr__``.
+        with running statistics, no hooks, modules of the types it was
+        turned on with). This runs at every call of every pair, so it reads
+        the modules' dicts directly, not through ``nn.Module.__getattr__``.
         """
-        if not self.enabled or not batch_allowed():
+        if not self._open or not self.enabled or not batch_allowed():
             return None
-        _, cp, bp, bb = self._dicts[index]
-        weight = cp['weight']
-        if not _trainable(weight, cp, bp):
-            return None  # folds alone (and caches its fold)
-        device = weight.device
+        if self._dicts is None:
+            self._dicts = [
+                (conv, bn, conv._parameters, bn._parameters, bn._buffers)
+                for conv, bn, _ in self.members
+            ]
+        conv, bn, cp, bp, bb = self._dicts[index]
+        if not _batchable(conv, cp, bp, bb):
+            return None
+        device = cp['weight'].device
         types = self.device_types
         if types is not None and device.type not in types:
             return None
-        key = (device, _autocast_dtype(device.type))
+        key = (device, _autocast_dtype(device.type), torch.is_grad_enabled())
         folded = self._folded.get(key)
-        entry = None if folded is None else folded.entries.get(index)
-        if entry is not None and entry[3] == _pair_stamp(bn, cp, bp, bb):
-            taken = _take_entry(entry)
-            if taken is not None:
-                if taken[1] is None:  # called again in this forward
-                    bias = _refold_bias(entry[4], bn.eps, taken[0].dtype)
-                    return taken[0], bias
-                return taken
-        # no valid entry: fold the whole batch anew (this pair is not in
-        # it if it is not trainable)
-        entry = self._fold(key).entries.get(index)
-        if entry is None:
+        if folded is None:
+            folded = self._fold(key)
+        entry = folded.entries.get(index)
+        if entry is None or entry[3] != _stamp(bn, cp, bp, bb):
             return None
-        return _take_entry(entry)
+        taken = _take_entry(entry)
+        if taken is not None and taken[1] is None:  # called again
+            bias = _refold_bias(entry[4], bn.eps, taken[0].dtype)
+            return taken[0], bias
+        return taken
 
     def _fold(self, key: tuple) -> _Folded:
-        device, amp_dtype = key
+        device, amp_dtype, grad_enabled = key
         groups: Dict[tuple, List[int]] = {}
         pair_tensors: Dict[int, tuple] = {}
-        for i, (bn, cp, bp, bb) in enumerate(self._dicts):
-            weight = cp['weight']
-            mean, var = bb['running_mean'], bb['running_var']
+        for i, (conv, bn, cp, bp, bb) in enumerate(self._dicts):
             if (
                 bn.training
-                or mean is None
-                or var is None
-                or weight.device != device
-                or not _trainable(weight, cp, bp)
+                or not _batchable(conv, cp, bp, bb)
+                or cp['weight'].device != device
             ):
                 continue
-            bias, gamma = cp.get('bias'), bp.get('weight')
-            beta, nbt = bp.get('bias'), bb.get('num_batches_tracked')
-            pair_tensors[i] = (weight, bias, gamma, beta, mean, var, nbt)
+            weight, bias = cp['weight'], cp['bias']
+            gamma, beta = bp['weight'], bp['bias']
+            mean, var = bb['running_mean'], bb['running_var']
+            pair_tensors[i] = (weight, bias, gamma, beta, mean, var)
             group_key = (
                 weight.dtype,
                 var.dtype,
                 bias is None,
                 gamma is None,
                 beta is None,
+                grad_enabled and needs_grad(weight, cp, bp),
             )
             groups.setdefault(group_key, []).append(i)
         folded = _Folded()
-        for (w_dtype, *_), indices in groups.items():
+        for (w_dtype, *_, record), indices in groups.items():
             # equal row lengths next to each other: fewer runs to scale
             indices.sort(key=lambda i: _row_length(pair_tensors[i][0]))
             # autocast would cast the folded weight for the conv anyway
@@ -323,7 +342,8 @@ class FoldBatch:
             else:
                 out_dtype = w_dtype
             tensors = [pair_tensors[i] for i in indices]
-            self._fold_group(indices, tensors, device, out_dtype, folded)
+            with torch.set_grad_enabled(record):
+                self._fold_group(indices, tensors, device, out_dtype, folded)
         self._folded[key] = folded
         self.folds += 1
         return folded
@@ -332,7 +352,7 @@ class FoldBatch:
         self, indices: List[int], tensors: List[tuple], device, out_dtype
     ) -> tuple:
         shapes = tuple([t[0].shape for t in tensors])
-        eps = tuple([self._dicts[i][0].eps for i in indices])
+        eps = tuple([self._dicts[i][1].eps for i in indices])
         plan_key = (tuple(indices), shapes, device, out_dtype, eps)
         cached = self._plans.get(plan_key)
         if cached is not None:
@@ -359,7 +379,7 @@ class FoldBatch:
         folded: _Folded,
     ) -> None:
         plan, eps = self._plan(indices, tensors, device, out_dtype)
-        weights, biases, gammas, betas, means, variances, _ = zip(*tensors)
+        weights, biases, gammas, betas, means, variances = zip(*tensors)
         with torch.no_grad():
             mean = torch.cat(means)
             inv_std = torch.cat(variances).add_(eps).rsqrt_()
@@ -371,10 +391,10 @@ class FoldBatch:
         for i, w, b, inputs in zip(
             indices, weights, bias.split(plan.channels), tensors
         ):
-            bn, cp, bp, bb = dicts[i]
+            _, bn, cp, bp, bb = dicts[i]
             # the inputs are held so that no other tensor can take their
             # storage: an equal data_ptr in the stamp means the same tensor
-            entries[i] = [w, None, b, _pair_stamp(bn, cp, bp, bb), inputs]
+            entries[i] = [w, None, b, _stamp(bn, cp, bp, bb), inputs]
         node = bias.grad_fn
         if node is not None:
             node.register_hook(_Expire(folded, indices))
@@ -382,7 +402,8 @@ class FoldBatch:
 
 class _Expire:
     """Backward hook of a group: its graph is gone after the backward pass,
-    so its entries are dropped and the next call folds anew."""
+    so its entries are dropped and later calls in the same forward fold
+    alone."""
 
     def __init__(self, folded: _Folded, indices: Sequence[int]):
         self.folded = weakref.ref(folded)

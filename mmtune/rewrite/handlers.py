@@ -1,7 +1,11 @@
 # Copyright (c) mmtune contributors. All rights reserved.
 """Frame handlers: module types whose forward mmtune replaces as a whole
 instead of tracing it (mmcv ``ConvModule``, whose graph depends on per-call
-arguments).
+arguments). The handler's forward decides per call whether the conv may
+fold and arms the pair's :class:`~mmtune.rewrite.tune_mode.TunePair` for
+that call; the conv and the BN are then called as modules, as the original
+forward calls them, so their hooks run and their checks are the same as
+for a traced frame.
 
 The rewrite layer knows no such type itself. The engine layer registers its
 handlers; they are loaded the first time a model is analysed after the
@@ -54,11 +58,11 @@ class FrameHandler:
         """Undo :meth:`turn_on`; False if it was not on."""
         raise NotImplementedError
 
-    def fold_state(self, module: nn.Module):
-        """The :class:`~mmtune.rewrite.tune_mode.FoldState` that folds the
-        pair of ``module`` once it is on, so that it can join a batch; None
-        if it has none. Defaults to None."""
-        return None
+    def attach(self, module: nn.Module, runtime) -> None:
+        """Give the module's tune-mode forward the pair's
+        :class:`~mmtune.rewrite.tune_mode.TunePair`, whose ``armed`` flag
+        it sets around each conv call that may fold."""
+        raise NotImplementedError
 
 
 _HANDLERS: List[FrameHandler] = []

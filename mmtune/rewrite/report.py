@@ -2,7 +2,7 @@
 """What a rewrite did: the pairs it converted and what it left alone."""
 
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class ConvBNReport:
         already_on (int): How many of ``converted`` were already in tune mode
             before this call (they are not converted twice).
         seconds (float): Time the analysis and rewrite took.
+        runtimes (list): The run-time objects of the converted pairs in
+            tune mode, whose counters :meth:`fold_counts` reads.
     """
 
     mode: str = 'tune'
@@ -43,6 +45,7 @@ class ConvBNReport:
     skipped: List[SkipRecord] = field(default_factory=list)
     already_on: int = 0
     seconds: float = 0.0
+    runtimes: List[Any] = field(default_factory=list, repr=False)
 
     def __str__(self) -> str:
         title = {
@@ -64,3 +67,71 @@ class ConvBNReport:
     def summary(self) -> str:
         """The first line of ``str(report)``, for one-line logs."""
         return str(self).split('\n', 1)[0]
+
+    def fold_counts(self) -> Dict[Tuple[str, str], 'FoldCount']:
+        """For each converted pair, how its calls went since turn-on (or
+        :meth:`reset_counts`)."""
+        counts = {}
+        for runtime in self.runtimes:
+            folded, computed = runtime.counts()
+            counts[(runtime.conv_name, runtime.bn_name)] = FoldCount(
+                folded, computed
+            )
+        return counts
+
+    def reset_counts(self) -> None:
+        """Start counting anew."""
+        for runtime in self.runtimes:
+            runtime.reset_counts()
+
+    def never_folded(self) -> List[Tuple[str, str]]:
+        """Converted pairs that were called and never folded."""
+        return [
+            pair
+            for pair, count in self.fold_counts().items()
+            if count.calls and not count.folded
+        ]
+
+    def runtime_summary(self) -> str:
+        """One line (then one per pair that did not always fold) on how the
+        converted pairs' calls went, e.g. ``53 of 53 converted pairs folded
+        at every call``."""
+        counts = self.fold_counts()
+        called = {p: c for p, c in counts.items() if c.calls}
+        always = [p for p, c in called.items() if not c.computed]
+        line = (
+            f'mmtune tune mode: {len(always)} of {len(counts)} converted '
+            'pairs folded at every call'
+        )
+        if len(called) < len(counts):
+            line += f'; {len(counts) - len(called)} were not called'
+        lines = [line]
+        for (conv, bn), count in called.items():
+            if count.computed:
+                reasons = '; '.join(
+                    f'{n}: {why}' for why, n in sorted(count.computed.items())
+                )
+                lines.append(
+                    f'  {conv} -> {bn}: folded {count.folded} of '
+                    f'{count.calls} calls, computed as the modules do '
+                    f'{sum(count.computed.values())} ({reasons})'
+                )
+        return '\n'.join(lines)
+
+
+@dataclass(frozen=True)
+class FoldCount:
+    """How the calls of one converted pair went.
+
+    Attributes:
+        folded (int): Calls that folded.
+        computed (dict[str, int]): Calls computed by the modules' own
+            forwards, by reason.
+    """
+
+    folded: int
+    computed: Dict[str, int]
+
+    @property
+    def calls(self) -> int:
+        return self.folded + sum(self.computed.values())

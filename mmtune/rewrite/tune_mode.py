@@ -3,249 +3,267 @@
 
 For each pair found by :mod:`.analysis` the conv and the BN get a
 ``forward`` on the instance (class, parameters, buffers and ``state_dict``
-are untouched). At every call the conv decides:
+are untouched). At every call the conv decides (:meth:`TunePair.refusal`):
 
-- if its BN is in eval mode with running statistics, no hook would see the
-  difference, and the call comes from the forward that the analysis
-  checked, it returns ``conv(x, w * s, beta + s * (b - mean))`` and hands
-  that very tensor to the BN, which passes it through;
-- otherwise both compute exactly what they would without mmtune (a BN in
-  train mode normalises with batch statistics and updates its running
-  statistics as usual).
+- if its BN is in eval mode with running statistics, both modules are
+  still the ones the frame calls and of foldable types, no hook would see
+  the difference (:func:`~.guards.hooks_problem`), and the call comes
+  through the very Python code in which the analysis traced it (the call
+  chain, helper methods and nested functions included) or, for a handled
+  frame such as mmcv's ``ConvModule``, its handler armed the call, it
+  returns ``conv(x, w * s, beta + s * (b - mean))`` and hands that very
+  tensor to the BN, which passes it through;
+- otherwise both compute exactly what they would without mmtune, by their
+  own class's ``forward`` (a BN in train mode normalises with batch
+  statistics and updates its running statistics as usual).
 
-A BN that receives anything other than the handed-over tensor computes as
-usual; the pair then stops folding and warns, since its analysis was wrong.
+Every call is counted, as folded or as computed by the modules with the
+reason (:meth:`TunePair.counts`, :meth:`ConvBNReport.fold_counts`).
+
+State: nothing folded outlives one call of the model that was turned on.
+A pair folds from the tensors its modules hold at that moment; with
+batching (:mod:`.fold_batch`) all pairs fold together in the model's
+call and are let go when it returns. Between a conv's call and its BN's
+call the conv's output is held (``pending``) to check that the BN receives
+it.
 """
 
+import copy
 import sys
 import time
+import types
 import warnings
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
-from torch.nn.modules import module as _module_mod
 
-from ..ops import bn_inv_std, conv_forward_with, fold_conv_bn
-from .analysis import (
-    Analysis,
-    Pair,
-    analyse,
-    frame_codes,
+from ..ops import conv_forward_with, fold_conv_bn
+from .analysis import CHECKPOINT, Analysis, Chain, Pair, analyse
+from .fold_batch import FoldBatch, _is_compiling, check_batch_arg
+from .guards import (
+    bn_type_problem,
+    conv_type_problem,
+    hooks_problem,
     instance_forward,
     is_mmtune_forward,
 )
-from .fold_batch import (
-    FoldBatch,
-    _is_compiling,
-    _pair_stamp,
-    check_batch_arg,
-    needs_grad,
-)
 from .report import ConvBNReport, SkipRecord
 
-_CALL_IMPL_CODES = frozenset(
-    fn.__code__
-    for fn in (
-        nn.Module._call_impl,
-        getattr(nn.Module, '_wrapped_call_impl', None),
-    )
-    if fn is not None
+
+
+def _codes_within(*functions) -> frozenset:
+    """The code objects of ``functions`` and of the functions nested in
+    them."""
+    codes = set()
+    stack = [fn.__code__ for fn in functions if fn is not None]
+    while stack:
+        code = stack.pop()
+        if code not in codes:
+            codes.add(code)
+            stack.extend(
+                c for c in code.co_consts if isinstance(c, types.CodeType)
+            )
+    return frozenset(codes)
+
+
+#: The code a module call runs between its caller and its forward.
+_CALL_IMPL_CODES = _codes_within(
+    nn.Module._call_impl, getattr(nn.Module, '_wrapped_call_impl', None)
 )
-_GLOBAL_HOOK_DICTS = tuple(
-    getattr(_module_mod, name)
-    for name in (
-        '_global_forward_hooks',
-        '_global_forward_pre_hooks',
-        '_global_backward_hooks',
-        '_global_backward_pre_hooks',
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
+
+#: Why a call computed as the modules do, for the counters.
+TRAIN_MODE = 'the BN is in train mode'
+NO_STATS = 'the BN has no running statistics'
+DIVERGED = 'an earlier call diverged from the analysis'
+WRAPPED = 'a forward wrapper was installed on the conv or the BN'
+SWAPPED = 'the frame no longer calls these modules (replaced after turn-on)'
+CALLER = 'called from outside the forward that the analysis traced'
+NOT_ARMED = "called outside its frame handler's forward"
+ARGUMENTS = 'called with arguments the conv does not take'
+
+
+def _installed(module: nn.Module, owner, function) -> bool:
+    """Whether ``module``'s instance forward is ``owner``'s ``function``
+    (bound methods compare by owner and function: a pickled model has new
+    bound-method objects)."""
+    fn = module.__dict__.get('forward')
+    return (
+        getattr(fn, '__self__', None) is owner
+        and getattr(fn, '__func__', None) is function
     )
-    if hasattr(_module_mod, name)
-)
 
 
-def hooks_free(conv: nn.Module, bn: nn.Module) -> bool:
-    """No hook, on the modules or global, would see the folded tensors."""
-    if (
-        conv._forward_hooks
-        or conv._backward_hooks
-        or bn._forward_pre_hooks
-        or bn._forward_hooks
-        or bn._backward_hooks
-    ):
-        return False
-    return not any(_GLOBAL_HOOK_DICTS)
+def _submodule(frame: nn.Module, path: Tuple[str, ...]):
+    module = frame
+    for name in path:
+        module = module._modules.get(name)
+        if module is None:
+            return None
+    return module
 
 
-class _Stamp:
-    """Remembers exactly which tensor values something was computed from.
+def _code_key(code):
+    """What identifies a code object across pickling: file, first line and
+    name (``CHECKPOINT`` stays itself)."""
+    if not isinstance(code, types.CodeType):
+        return code
+    return (code.co_filename, code.co_firstlineno, code.co_name)
 
-    Holding an alias keeps the storage alive, so an equal ``data_ptr`` means
-    the same storage, and the shared version counter tells in-place writes.
+
+def chain_matches(frame, chains: Sequence[Chain]) -> bool:
+    """Whether the Python frame ``frame`` (the caller of the conv's
+    ``forward``) runs one of the traced call ``chains``.
+
+    A chain lists the code objects from the function that called the conv
+    up to the frame module's ``forward``, which a module call
+    (``nn.Module._call_impl``) must have called; or up to a
+    ``torch.utils.checkpoint`` call, whose code must be the caller.
     """
-
-    __slots__ = ('aliases', 'keys')
-
-    def __init__(self, tensors: Sequence[Optional[Tensor]]):
-        self.aliases = [None if t is None else t.detach() for t in tensors]
-        self.keys = [_key(t) for t in tensors]
-
-    def matches(self, tensors: Sequence[Optional[Tensor]]) -> bool:
-        return all(key == _key(t) for key, t in zip(self.keys, tensors))
-
-
-def _key(t: Optional[Tensor]):
-    if t is None:
-        return None
-    return (t.data_ptr(), t._version, t.dtype, t.device, t.shape)
-
-
-class FoldState:
-    """Computes a pair's tune-mode forward, caching what it safely can.
-
-    ``1 / sqrt(var + eps)`` is cached while the running variance is
-    unchanged. When nothing needs gradients (validation, inference, frozen
-    layers) the folded weight and bias are cached too while no input
-    changed, so such forwards cost one convolution; for trainable layers the
-    cache is dropped at the next forward with autograd so that it costs no
-    memory in training.
-    """
-
-    def __init__(self):
-        self.clear()
-        self.batch: Optional[FoldBatch] = None
-        self.index = -1
-
-    def join(self, batch: 'FoldBatch', index: int) -> None:
-        """Take folded tensors from ``batch`` (member ``index``) when it
-        has them; see :mod:`.fold_batch`."""
-        self.batch, self.index = batch, index
-
-    def clear(self) -> None:
-        self._inv_std = self._inv_std_stamp = self._inv_std_eps = None
-        self._folded = self._folded_stamp = self._folded_inputs = None
-
-    def _get_inv_std(self, bn: nn.Module) -> Tensor:
-        # BN kernels update running_var in place without bumping its version
-        # counter; num_batches_tracked.add_(1) in the same forward does.
-        stats = (bn.running_var, bn.num_batches_tracked)
-        if (
-            self._inv_std_stamp is not None
-            and self._inv_std_eps == bn.eps
-            and self._inv_std_stamp.matches(stats)
-        ):
-            return self._inv_std
-        inv_std = bn_inv_std(bn.running_var, bn.eps)
-        if torch.is_inference_mode_enabled():
-            # an inference tensor could not be saved for backward by a
-            # later training forward: use it now, do not keep it
-            return inv_std
-        self._inv_std, self._inv_std_stamp = inv_std, _Stamp(stats)
-        self._inv_std_eps = bn.eps
-        return inv_std
-
-    def fold(self, conv: nn.Module, bn: nn.Module) -> Tuple[Tensor, Tensor]:
-        """The folded weight and bias of ``conv`` and ``bn``."""
-        cp, bp, bb = conv._parameters, bn._parameters, bn._buffers
-        weight, bias = cp['weight'], cp.get('bias')
-        gamma, beta = bp.get('weight'), bp.get('bias')
-        tensors = (
-            weight,
-            bias,
-            bb['running_mean'],
-            bb['running_var'],
-            gamma,
-            beta,
-        )
-        if _is_compiling():
-            return fold_conv_bn(*tensors, bn.eps, conv.transposed, conv.groups)
-        # Without autograd there is no graph to rebuild, so the folded
-        # tensors can be reused until an input changes: in validation, and
-        # for frozen layers (frozen_stages) in training.
-        cacheable = not torch.is_inference_mode_enabled() and not (
-            torch.is_grad_enabled() and needs_grad(weight, cp, bp)
-        )
-        stamp = None
-        if not cacheable:
-            self._folded = self._folded_stamp = self._folded_inputs = None
+    while frame is not None and frame.f_code in _CALL_IMPL_CODES:
+        frame = frame.f_back
+    for chain in chains:
+        current = frame
+        for code in chain:
+            if code is CHECKPOINT:
+                if (
+                    current is not None
+                    and current.f_code.co_filename == _CHECKPOINT_FILE
+                ):
+                    return True
+                break
+            if current is None:
+                break
+            f_code = current.f_code
+            if f_code is not code and (
+                code.__class__ is not tuple or _code_key(f_code) != code
+            ):
+                break  # (a chain of an unpickled pair holds code keys)
+            current = current.f_back
         else:
-            stamp = _pair_stamp(bn, cp, bp, bb)
-            if stamp == self._folded_stamp:
-                return self._folded
-        folded = fold_conv_bn(
-            *tensors,
-            bn.eps,
-            conv.transposed,
-            conv.groups,
-            inv_std=self._get_inv_std(bn),
-        )
-        if cacheable:
-            self._folded, self._folded_stamp = folded, stamp
-            # held so that no other tensor can take their storage: an equal
-            # data_ptr in the stamp then means the same tensor
-            self._folded_inputs = tensors + (bb.get('num_batches_tracked'),)
-        return folded
+            if current is not None and current.f_code in _CALL_IMPL_CODES:
+                return True
+    return False
 
-    def forward(
-        self, conv: nn.Module, bn: nn.Module, x: Tensor, output_size=None
-    ) -> Tensor:
-        """``bn(conv(x))`` for an eval-mode ``bn``, as one convolution."""
-        batch = self.batch
-        folded = None
-        if batch is not None:
-            folded = batch.take(self.index, conv, bn)
-        if folded is None:
-            folded = self.fold(conv, bn)
-        return conv_forward_with(conv, x, folded[0], folded[1], output_size)
+
+def _conv_args(args: tuple, kwargs: dict, transposed: bool):
+    """``(input, output_size)`` of a conv call, or None if the conv's own
+    forward would not take these arguments."""
+    if len(args) == 1 and not kwargs:
+        x, output_size = args[0], None
+    else:
+        names = ('input', 'output_size') if transposed else ('input',)
+        if len(args) > len(names):
+            return None
+        bound = dict(zip(names, args))
+        for key, value in kwargs.items():
+            if key not in names or key in bound:
+                return None
+            bound[key] = value
+        if 'input' not in bound:
+            return None
+        x, output_size = bound['input'], bound.get('output_size')
+    return (x, output_size) if isinstance(x, Tensor) else None
+
+
+def fold_forward(
+    conv: nn.Module, bn: nn.Module, x: Tensor, output_size=None
+) -> Tensor:
+    """``bn(conv(x))`` for an eval-mode ``bn``, as one convolution, from
+    the tensors the modules' own forwards would read now."""
+    weight, bias = fold_conv_bn(
+        conv.weight,
+        conv.bias,
+        bn.running_mean,
+        bn.running_var,
+        bn.weight,
+        bn.bias,
+        bn.eps,
+        conv.transposed,
+        conv.groups,
+    )
+    return conv_forward_with(conv, x, weight, bias, output_size)
 
 
 class TunePair:
     """The runtime of one Conv->BN pair in tune mode.
 
     Its bound methods become the instance ``forward`` of the conv and of the
-    BN. Deep copies (EMA) and pickles carry it along; caches are not kept.
+    BN. Deep copies (EMA) and pickles carry it along with its frame; the
+    counters and the pending output are not kept.
+
+    Args:
+        pair (Pair): The pair, as the analysis found it.
+        batch (FoldBatch, optional): The batch the pair folds in.
     """
 
     _mmtune_forward_owner = True
 
-    def __init__(
-        self,
-        conv: nn.Module,
-        bn: nn.Module,
-        frame_cls: type,
-        conv_name: str,
-        bn_name: str,
-    ):
-        self.conv = conv
-        self.bn = bn
-        self.frame_cls = frame_cls
-        self.conv_name = conv_name
-        self.bn_name = bn_name
+    def __init__(self, pair: Pair, batch: Optional[FoldBatch] = None):
+        conv, bn, frame = pair.conv, pair.bn, pair.frame
+        self.conv, self.bn, self.frame = conv, bn, frame
+        self.conv_name, self.bn_name = pair.conv_name, pair.bn_name
+        skip = len(pair.frame_name) + 1 if pair.frame_name else 0
+        self.conv_path = tuple(pair.conv_name[skip:].split('.'))
+        self.bn_path = tuple(pair.bn_name[skip:].split('.'))
+        #: None: a frame handler arms each call (``armed``)
+        self.chains = tuple(pair.chains) if pair.handler is None else None
+        self.conv_type, self.bn_type = type(conv), type(bn)
+        self.batch = None
+        self.index = -1
+        if batch is not None and not conv.transposed:
+            self.batch = batch
+            self.index = batch.add(conv, bn, pair.conv_name)
         self.disabled = False
         self._reset()
 
     def _reset(self) -> None:
         self.pending: Optional[Tensor] = None
-        self.fold_state = FoldState()
-        self.codes = frame_codes(self.frame_cls)
+        self.armed = False
+        self.folded = 0
+        self.computed: Dict[str, int] = {}
+
+    def install(self) -> None:
+        """Make the methods the modules' instance forwards."""
+        self.conv.forward = self.conv_forward
+        self.bn.forward = self.bn_forward
+
+    _TRANSIENT = ('pending', 'armed', 'folded', 'computed')
+
+    def __deepcopy__(self, memo):
+        # code objects are copied as themselves (copy treats them as atoms)
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key not in self._TRANSIENT:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new._reset()
+        return new
 
     def __getstate__(self):
+        # pickle: code objects cannot be pickled; chains keep their keys
         state = self.__dict__.copy()
-        for key in ('pending', 'fold_state', 'codes'):
+        for key in self._TRANSIENT:
             state.pop(key, None)
+        if self.chains is not None:
+            state['chains'] = tuple(
+                tuple(_code_key(c) for c in chain) for chain in self.chains
+            )
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._reset()
 
-    def _called_from_frame(self) -> bool:
-        if _is_compiling():
-            return True
-        frame = sys._getframe(2)
-        while frame is not None and frame.f_code in _CALL_IMPL_CODES:
-            frame = frame.f_back
-        return frame is not None and frame.f_code in self.codes
+    def counts(self) -> Tuple[int, Dict[str, int]]:
+        """Calls that folded, and calls computed by the modules by
+        reason, since turn-on (or :meth:`reset_counts`)."""
+        return self.folded, dict(self.computed)
+
+    def reset_counts(self) -> None:
+        self.folded = 0
+        self.computed = {}
 
     def _diverged(self, what: str) -> None:
         self.disabled = True
@@ -255,48 +273,139 @@ class TunePair:
             f'saw, so {self.conv_name} -> {self.bn_name} stops folding and '
             'computes as in eval mode from now on. Please report this.',
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
-    def conv_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+    def refusal(self) -> Optional[str]:
+        """Why this call of the conv's forward must compute as the modules
+        do, or None when it folds (called by :meth:`conv_forward` only: it
+        reads its caller's Python frames)."""
         conv, bn = self.conv, self.bn
+        if self.disabled:
+            return DIVERGED
+        if bn.training:
+            return TRAIN_MODE
+        buffers = bn._buffers  # not nn.Module.__getattr__: every call
+        if (
+            buffers.get('running_mean') is None
+            or buffers.get('running_var') is None
+        ):
+            return NO_STATS
+        if type(conv) is not self.conv_type or type(bn) is not self.bn_type:
+            reason = conv_type_problem(conv) or bn_type_problem(bn)
+            if reason is not None:
+                return reason
+        if not (
+            _installed(conv, self, TunePair.conv_forward)
+            and _installed(bn, self, TunePair.bn_forward)
+        ):
+            return WRAPPED
+        frame = self.frame
+        if (
+            _submodule(frame, self.conv_path) is not conv
+            or _submodule(frame, self.bn_path) is not bn
+        ):
+            return SWAPPED
+        reason = hooks_problem(conv, bn)
+        if reason is not None:
+            return reason
+        if self.chains is None:
+            return None if self.armed else NOT_ARMED
+        if _is_compiling() or chain_matches(sys._getframe(2), self.chains):
+            return None
+        return CALLER
+
+    def conv_forward(self, *args, **kwargs) -> Tensor:
+        conv = self.conv
         if self.pending is not None:
             self._diverged(
                 f'the output of {self.conv_name} never reached {self.bn_name}'
             )
-        buffers = bn._buffers  # not nn.Module.__getattr__: every call
+        reason = self.refusal()
+        if reason is None:
+            parsed = _conv_args(args, kwargs, conv.transposed)
+            if parsed is None:
+                reason = ARGUMENTS
+        if reason is not None:
+            self.computed[reason] = self.computed.get(reason, 0) + 1
+            return type(conv).forward(conv, *args, **kwargs)
+        x, output_size = parsed
+        out = None
         if (
-            not self.disabled
-            and not bn.training
-            and buffers.get('running_mean') is not None
-            and buffers.get('running_var') is not None
-            and hooks_free(conv, bn)
-            and self._called_from_frame()
+            self.batch is not None
+            and type(conv) is self.conv_type
+            and type(self.bn) is self.bn_type
         ):
-            output_size = args[0] if args else kwargs.get('output_size')
-            out = self.fold_state.forward(conv, bn, x, output_size)
-            self.pending = out
-            return out
-        return type(conv).forward(conv, x, *args, **kwargs)
+            folded = self.batch.take(self.index)
+            if folded is not None:
+                out = conv_forward_with(conv, x, *folded, output_size)
+        if out is None:
+            out = fold_forward(conv, self.bn, x, output_size)
+        self.folded += 1
+        self.pending = out
+        return out
 
-    def bn_forward(self, x: Tensor) -> Tensor:
+    def bn_forward(self, *args, **kwargs) -> Tensor:
         pending = self.pending
         if pending is not None:
             self.pending = None
-            if x is pending:
-                return x
+            if len(args) + len(kwargs) == 1 and (
+                (args[0] if args else kwargs.get('input')) is pending
+            ):
+                return pending
             self._diverged(
                 f'{self.bn_name} received another tensor than '
                 f'the output of {self.conv_name}'
             )
-        if self.bn.training:
-            self.fold_state.clear()  # running statistics may change
-        return type(self.bn).forward(self.bn, x)
+        return type(self.bn).forward(self.bn, *args, **kwargs)
 
 
-def _resolve_roots(
+class ForwardScope:
+    """One call of the model that was turned on: its forward pre-hook and
+    forward hook. Whatever tune mode folds inside the call is let go when
+    it returns; a pending output left by an interrupted call is dropped
+    when the next one begins."""
+
+    def __init__(self, pairs: List[TunePair], batch: Optional[FoldBatch]):
+        self.pairs = pairs
+        self.batch = batch
+        self.depth = 0
+
+    def __getstate__(self):
+        return {'pairs': self.pairs, 'batch': self.batch}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.depth = 0
+
+    def enter(self, module, args) -> None:
+        if _is_compiling():
+            return
+        self.depth += 1
+        if self.depth == 1:
+            for pair in self.pairs:
+                pair.pending = None
+            if self.batch is not None:
+                self.batch.open()
+
+    def exit(self, module, args, output) -> None:
+        if _is_compiling() or self.depth == 0:
+            return
+        self.depth -= 1
+        if self.depth == 0 and self.batch is not None:
+            self.batch.close()
+
+
+def resolve_roots(
     model: nn.Module, modules: Union[None, str, Sequence[str]]
 ) -> List[str]:
+    """The qualified names of the submodules of ``model`` that ``modules``
+    names (``['']``: the whole model), without names inside another.
+
+    Raises:
+        TypeError: ``modules`` is not None, a name or a list of names.
+        ValueError: a name is not a submodule of ``model``.
+    """
     if modules is None:
         return ['']
     if isinstance(modules, str):
@@ -326,24 +435,17 @@ def _resolve_roots(
     return roots
 
 
-def _install(pair: Pair, batch: Optional[FoldBatch]) -> bool:
-    """Put one pair in tune mode; False if it already was."""
+def _install(pair: Pair, batch: Optional[FoldBatch]) -> Optional[TunePair]:
+    """Put one pair in tune mode; None if it already was."""
+    if is_mmtune_forward(instance_forward(pair.conv)):
+        return None
+    if pair.handler is not None and not pair.handler.turn_on(pair.frame):
+        return None
+    runtime = TunePair(pair, batch)
+    runtime.install()
     if pair.handler is not None:
-        if not pair.handler.turn_on(pair.frame):
-            return False
-        state = pair.handler.fold_state(pair.frame)
-    elif is_mmtune_forward(instance_forward(pair.conv)):
-        return False
-    else:
-        runtime = TunePair(
-            pair.conv, pair.bn, type(pair.frame), pair.conv_name, pair.bn_name
-        )
-        pair.conv.forward = runtime.conv_forward
-        pair.bn.forward = runtime.bn_forward
-        state = runtime.fold_state
-    if batch is not None and state is not None and not pair.conv.transposed:
-        state.join(batch, batch.add(pair.conv, pair.bn, pair.conv_name))
-    return True
+        pair.handler.attach(pair.frame, runtime)
+    return runtime
 
 
 def _make_batch(batch: Union[str, bool]) -> Optional[FoldBatch]:
@@ -367,31 +469,67 @@ def turn_on_fast_conv_bn_eval(
     already on.
 
     Args:
-        model (nn.Module): The model (unwrapped, not DDP).
+        model (nn.Module): The model (unwrapped, not DDP). Its forward
+            pre-hook and forward hook mark each call of it: what tune mode
+            folds inside a call is let go when it returns.
         modules (str | list[str], optional): Qualified names of submodules
             to cover; None covers the whole model. Defaults to None.
-        batch (str | bool): Fold the trainable pairs together, once per
-            forward (:mod:`mmtune.rewrite.fold_batch`): ``'auto'`` on CUDA
-            devices, True on every device, False never. The results are the
-            same; batching saves the per-pair launches that make a GPU step
-            wait for the CPU. Turn it off under
+        batch (str | bool): Fold the pairs together, once per call of
+            ``model`` (:mod:`mmtune.rewrite.fold_batch`): ``'auto'`` on
+            CUDA devices, True on every device, False never. The results
+            are the same; batching saves the per-pair launches that make a
+            GPU step wait for the CPU. Turn it off under
             ``DistributedDataParallel(find_unused_parameters=True)``.
             Defaults to ``'auto'``.
 
     Returns:
-        ConvBNReport: converted pairs and what was skipped, and why.
+        ConvBNReport: converted pairs and what was skipped, and why; its
+        :meth:`~ConvBNReport.fold_counts` tell how each call went.
     """
     start = time.perf_counter()
     fold_batch = _make_batch(batch)
-    roots = _resolve_roots(model, modules)
+    roots = resolve_roots(model, modules)
     analysis: Analysis = analyse(model, roots)
     report = ConvBNReport(mode='tune', skipped=list(analysis.skipped))
+    installed: List[TunePair] = []
     for pair in analysis.pairs:
-        if not _install(pair, fold_batch):
+        runtime = _install(pair, fold_batch)
+        if runtime is None:
             report.already_on += 1
+        else:
+            installed.append(runtime)
         report.converted.append((pair.conv_name, pair.bn_name))
+    report.runtimes = _runtimes(model, report.converted)
+    if installed:
+        scope = ForwardScope(installed, fold_batch)
+        model.register_forward_pre_hook(scope.enter)
+        model.register_forward_hook(scope.exit, always_call=True)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _runtimes(
+    model: nn.Module, converted: Sequence[Tuple[str, str]]
+) -> List[TunePair]:
+    modules = dict(model.named_modules(remove_duplicate=False))
+    found = []
+    for conv_name, _ in converted:
+        owner = getattr(
+            instance_forward(modules[conv_name]), '__self__', None
+        )
+        if isinstance(owner, TunePair):
+            found.append(owner)
+    return found
+
+
+def tune_pairs(model: nn.Module) -> List[TunePair]:
+    """The :class:`TunePair` of every pair of ``model`` in tune mode."""
+    found = []
+    for module in model.modules():
+        owner = getattr(instance_forward(module), '__self__', None)
+        if isinstance(owner, TunePair) and owner.conv is module:
+            found.append(owner)
+    return found
 
 
 def turn_off_fast_conv_bn_eval(model: nn.Module) -> int:
@@ -410,13 +548,26 @@ def turn_off_fast_conv_bn_eval(model: nn.Module) -> int:
         if is_mmtune_forward(instance_forward(module)):
             del module.forward
             count += 1
+        for hooks in (
+            module._forward_pre_hooks,
+            module._forward_hooks,
+        ):
+            for key, hook in list(hooks.items()):
+                if isinstance(getattr(hook, '__self__', None), ForwardScope):
+                    del hooks[key]
+                    getattr(module, '_forward_hooks_always_called', {}).pop(
+                        key, None
+                    )
     return count
 
 
 __all__ = [
     'turn_on_fast_conv_bn_eval',
     'turn_off_fast_conv_bn_eval',
+    'resolve_roots',
+    'tune_pairs',
+    'fold_forward',
     'TunePair',
-    'FoldState',
+    'ForwardScope',
     'SkipRecord',
 ]

@@ -119,30 +119,28 @@ def test_two_forwards_one_backward_and_retain_graph():
     for retain in (False, True):
         for a, b in zip(grads(ref, retain), grads(tuned, retain)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert batch.folds == 2  # one per backward
+    assert batch.folds == 4  # one per call of the model
 
 
 def test_bias_vector_let_go_and_refolded_for_a_second_call():
     """Taken entries hold no bias (the group's bias vector is freed once
-    every pair has run); a pair called again folds its bias alone, to the
-    same bits, without folding the batch again."""
-    _, tuned = _models()
-    tuned.use_aux = True
+    every pair has run); a pair called again in the same forward folds its
+    bias alone, without folding the batch again; nothing folded outlives
+    the call of the model."""
+    ref, tuned = _models()
+    ref.use_aux = tuned.use_aux = True
     (batch,) = _batches(tuned)
-    x = _x()
-    tuned(x).sum().backward()  # the first step folds
-    tuned.zero_grad()
-    h = tuned.b2(tuned.b1(tuned.stem(x)))
-    first = tuned.shared(h)  # takes the group's weight and bias
-    again = tuned.shared(h)  # weight alive (kept by the conv), bias refolded
-    assert torch.equal(first, again)
-    side = tuned.aux(again)  # every pair has now taken its entry
-    assert batch.folds == 2
-    (folded,) = batch._folded.values()
-    assert folded.entries and all(
-        e[2] is None for e in folded.entries.values()
-    )
-    (first + again + side).sum().backward()
+    seen = []
+
+    def inspect(module, args, output):
+        (folded,) = batch._folded.values()
+        seen.append([e[2] is None for e in folded.entries.values()])
+
+    tuned.aux.register_forward_hook(inspect)  # a frame's hook: no effect
+    assert compare_models(ref, tuned, [_x()], rtol=1e-10) == []
+    assert seen == [[True] * 5]  # stem (frozen), b1, b2, shared, aux
+    assert batch.folds == 1
+    assert batch._folded == {}  # let go when the model returned
     assert tuned.shared.bn.weight.grad is not None
 
 
@@ -209,16 +207,19 @@ def test_checkpointing_folds_pairs_alone_and_matches(reentrant):
     del forward
 
 
-def test_no_grad_and_frozen_pairs_do_not_fold_in_a_batch():
-    _, tuned = _models()
+def test_no_grad_and_frozen_pairs_fold_in_a_batch_without_autograd():
+    ref, tuned = _models()
     (batch,) = _batches(tuned)
     with torch.no_grad():
-        tuned(_x())
-    assert batch.folds == 0
-    for p in tuned.parameters():
-        p.requires_grad_(False)
-    tuned(_x())
-    assert batch.folds == 0
+        torch.testing.assert_close(tuned(_x()), ref(_x()))
+    assert batch.folds == 1
+    for model in (ref, tuned):
+        for p in model.parameters():
+            p.requires_grad_(False)
+    out = tuned(_x())
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, ref(_x()))
+    assert batch.folds == 2
 
 
 def test_batch_false_and_auto_on_cpu_fold_pairs_alone():
@@ -234,11 +235,14 @@ def test_bad_batch_argument_is_named():
         turn_on_fast_conv_bn_eval(Net(), batch='yes')
 
 
-def test_deepcopy_folds_alone_and_stays_exact():
+def test_deepcopy_has_its_own_batch_and_stays_exact():
     ref, tuned = _models()
     copied = copy.deepcopy(tuned)
-    assert _batches(copied) == []
+    (batch,) = _batches(copied)
+    assert batch is not _batches(tuned)[0]
+    assert batch.members[0][0] is copied.stem.conv
     assert compare_models(ref, copied, [_x()], rtol=1e-10) == []
+    assert batch.folds == 1
 
 
 def test_hook_turns_batching_off_for_ddp_looking_for_unused(tmp_path):

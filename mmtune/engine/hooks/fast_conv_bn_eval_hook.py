@@ -11,7 +11,7 @@ from torch import nn
 from mmtune.registry import register_hook
 from mmtune.rewrite import ConvBNReport, turn_on_fast_conv_bn_eval
 from mmtune.rewrite.fold_batch import check_batch_arg
-from mmtune.rewrite.tune_mode import _resolve_roots
+from mmtune.rewrite.tune_mode import resolve_roots
 
 Modules = Union[None, str, Sequence[str]]
 
@@ -97,7 +97,7 @@ class FastConvBNEvalHook(Hook):
                 f'{self.modules if self.modules else "whole model"})'
             )
         # Unknown names fail here, before any training step.
-        _resolve_roots(unwrap_model(runner), self.modules)
+        resolve_roots(unwrap_model(runner), self.modules)
 
     def _apply(self, runner: Runner) -> None:
         if self.report is not None:

@@ -1,0 +1,450 @@
+# Copyright (c) mmtune contributors. All rights reserved.
+"""Tune mode folds exactly what it reports, and nothing it folds outlives
+the values it came from: helper-method frames, writes through ``.data``,
+keyword calls, hooks and modules changed after turn-on, the counters.
+
+Every case compares outputs and all gradients with eval mode (float64,
+random BN statistics) and counts ``F.batch_norm`` calls to tell whether the
+pairs really folded."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmtune import turn_on_fast_conv_bn_eval
+from mmtune.testing import (
+    compare_models,
+    count_batch_norm_calls,
+    fold_batches,
+    randomize_bn,
+)
+
+BATCH = [False, True]
+
+
+def _x(*shape, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*(shape or (2, 3, 6, 6)), generator=gen).double()
+
+
+def _prepare(model, seed=0):
+    torch.manual_seed(seed)
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            with torch.no_grad():
+                p.normal_(0, 0.5)
+    randomize_bn(model, seed)
+    return model.double().eval()
+
+
+def _tuned(model, batch=False, expect=None):
+    ref = copy.deepcopy(model)
+    report = turn_on_fast_conv_bn_eval(model, batch=batch)
+    if expect is not None:
+        assert len(report.converted) == expect, str(report)
+    return ref, model, report
+
+
+def _check(ref, tuned, x, report, folded=True):
+    """Outputs and all gradients equal eval mode's; every converted pair
+    folded at every call (or, with ``folded=False``, none folded)."""
+    report.reset_counts()
+    assert compare_models(ref, tuned, [x], rtol=1e-10) == []
+    with count_batch_norm_calls() as counter:
+        tuned(x)
+    counts = report.fold_counts()
+    if folded:
+        assert all(not c.computed and c.folded for c in counts.values()), (
+            report.runtime_summary()
+        )
+    return counter
+
+
+class TorchvisionStyle(nn.Module):
+    """``forward -> self._forward_impl``, as torchvision's ResNet."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def _forward_impl(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(x))
+
+    def forward(self, x):
+        return self._forward_impl(x)
+
+
+class TimmStyle(nn.Module):
+    """``forward -> self.forward_features`` and ``forward_head``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward_features(self, x):
+        return torch.tanh(self.norm(self.stem(x)))
+
+    def forward_head(self, x):
+        return self.head(x.mean((2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+@pytest.mark.parametrize('batch', BATCH)
+@pytest.mark.parametrize('cls', [TorchvisionStyle, TimmStyle])
+def test_helper_method_frames_fold(cls, batch):
+    ref, tuned, report = _tuned(_prepare(cls()), batch)
+    assert report.converted
+    counter = _check(ref, tuned, _x(), report)
+    assert counter.calls == 0
+    assert report.runtime_summary().startswith(
+        f'mmtune tune mode: {len(report.converted)} of '
+        f'{len(report.converted)} converted pairs folded at every call'
+    )
+
+
+class ConstantArgHelper(nn.Module):
+    """The helper's BN depends on an argument that forward passes as a
+    constant: the trace sees only ``use_bn=True``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def _impl(self, x, use_bn):
+        y = self.conv(x)
+        return self.bn(y) if use_bn else y
+
+    def forward(self, x):
+        return self._impl(x, True)
+
+
+def test_helper_called_from_elsewhere_computes_as_the_modules_do():
+    ref, tuned, report = _tuned(_prepare(ConstantArgHelper()), expect=1)
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(tuned._impl(x, False), ref._impl(x, False))
+        torch.testing.assert_close(tuned._impl(x, True), ref._impl(x, True))
+        torch.testing.assert_close(tuned(x), ref(x))
+    (count,) = report.fold_counts().values()
+    assert count.folded == 1
+    assert count.computed == {
+        'called from outside the forward that the analysis traced': 2
+    }
+    assert report.never_folded() == []
+
+
+class Block(nn.Module):
+    def __init__(self, cin=3, cout=4):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.frozen = Block(3, 4)
+        self.trained = Block(4, 4)
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)  # like frozen_stages
+
+    def forward(self, x):
+        return self.trained(self.frozen(x))
+
+
+def _writes():
+    """In-place writes that no version counter sees, and replacements."""
+
+    def conv_mul(m):
+        m.conv.weight.data.mul_(torch.rand_like(m.conv.weight) > 0.3)
+
+    def conv_copy(m):
+        m.conv.weight.data.copy_(torch.randn_like(m.conv.weight))
+
+    def conv_assign(m):
+        m.conv.weight.data = torch.randn_like(m.conv.weight)
+
+    def bn_weight(m):
+        m.bn.weight.data.add_(0.7)
+
+    def running_var(m):
+        m.bn.running_var.data.mul_(3.0)
+
+    def running_mean_assign(m):
+        m.bn.running_mean.data = torch.randn_like(m.bn.running_mean)
+
+    return [
+        conv_mul,
+        conv_copy,
+        conv_assign,
+        bn_weight,
+        running_var,
+        running_mean_assign,
+    ]
+
+
+@pytest.mark.parametrize('batch', BATCH)
+@pytest.mark.parametrize('write', _writes(), ids=lambda f: f.__name__)
+def test_writes_through_data_are_seen_by_the_next_forward(write, batch):
+    ref, tuned, report = _tuned(_prepare(Net()), batch, expect=2)
+    x = _x()
+    # training steps (a frozen pair and a trained one), then validation
+    for step in range(2):
+        _check(ref, tuned, x, report)
+        with torch.no_grad():
+            torch.testing.assert_close(tuned(x), ref(x))
+        torch.manual_seed(step)
+        for model in (ref, tuned):
+            torch.manual_seed(step)
+            write(model.frozen)
+            torch.manual_seed(step + 10)
+            write(model.trained)
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(x), ref(x))
+    _check(ref, tuned, x, report)
+
+
+class Keywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.up = nn.ConvTranspose2d(4, 4, 3, stride=2)
+        self.bn_up = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(input=self.conv(input=x))
+        size = (2 * y.shape[-2] + 1, 2 * y.shape[-1] + 1)
+        return self.bn_up(self.up(input=y, output_size=size))
+
+
+@pytest.mark.parametrize('batch', BATCH)
+def test_keyword_calls_fold(batch):
+    ref, tuned, report = _tuned(_prepare(Keywords()), batch, expect=2)
+    assert _check(ref, tuned, _x(), report).calls == 0
+
+
+def test_conv_called_with_bad_arguments_raises_as_without_mmtune():
+    ref, tuned, _ = _tuned(_prepare(Block()), expect=1)
+    for model in (ref, tuned):
+        with pytest.raises(TypeError):
+            model.conv(_x(), 3)
+        with pytest.raises(TypeError):
+            model.conv(inputs=_x())
+
+
+def _after_turn_on_changes():
+    def bn_replaced(m):
+        new = nn.BatchNorm2d(4).double().eval()
+        randomize_bn(new, 7)
+        m.block.bn = new
+
+    def conv_replaced(m):
+        torch.manual_seed(3)
+        m.block.conv = nn.Conv2d(3, 4, 3, padding=1).double()
+
+    def conv_retyped(m):
+        class Doubled(nn.Conv2d):
+            def forward(self, x):
+                return super().forward(x) * 2
+
+        m.block.conv.__class__ = Doubled
+
+    def bn_wrapped(m):
+        bn = m.block.bn
+        inner = bn.forward
+        bn.forward = lambda x: inner(x * 0.5)
+
+    def conv_forward_hook(m):
+        m.block.conv.register_forward_hook(lambda mod, i, o: o * 3)
+
+    def bn_pre_hook(m):
+        m.block.bn.register_forward_pre_hook(lambda mod, i: (i[0] + 1,))
+
+    def bn_backward_hook(m):
+        m.block.bn.register_full_backward_hook(
+            lambda mod, gi, go: (gi[0] * 2,)
+        )
+
+    return [
+        bn_replaced,
+        conv_replaced,
+        conv_retyped,
+        bn_wrapped,
+        conv_forward_hook,
+        bn_pre_hook,
+        bn_backward_hook,
+    ]
+
+
+class Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+@pytest.mark.parametrize('batch', BATCH)
+@pytest.mark.parametrize(
+    'change', _after_turn_on_changes(), ids=lambda f: f.__name__
+)
+def test_changes_after_turn_on_compute_as_the_modules_do(change, batch):
+    ref, tuned, report = _tuned(_prepare(Holder()), batch, expect=1)
+    _check(ref, tuned, _x(), report)
+    for model in (ref, tuned):
+        change(model)
+    with _no_warning():
+        _check(ref, tuned, _x(), report, folded=False)
+    (count,) = report.fold_counts().values()
+    assert count.folded == 0
+    if count.calls:  # a replaced conv is not called any more
+        assert report.never_folded() == [('block.conv', 'block.bn')]
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter('error', RuntimeWarning)
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+
+
+@pytest.mark.parametrize('batch', BATCH)
+def test_global_hooks_stop_folding_while_registered(batch):
+    from torch.nn.modules.module import register_module_forward_hook
+
+    ref, tuned, report = _tuned(_prepare(Holder()), batch, expect=1)
+    seen = []
+    handle = register_module_forward_hook(
+        lambda mod, i, o: seen.append(type(mod).__name__)
+    )
+    try:
+        _check(ref, tuned, _x(), report, folded=False)
+        assert 'Conv2d' in seen and 'BatchNorm2d' in seen
+        assert report.never_folded() == [('block.conv', 'block.bn')]
+    finally:
+        handle.remove()
+    _check(ref, tuned, _x(), report)
+
+
+@pytest.mark.parametrize('batch', BATCH)
+@pytest.mark.parametrize('style', ['old', 'parametrize'])
+def test_weight_norm_on_the_conv_still_folds_exactly(style, batch):
+    """A conv forward pre-hook (old weight_norm) or a parametrized weight
+    (new weight_norm), before or after turn-on: the fold reads the weight
+    the conv's own forward would read."""
+    if style == 'old':
+        wn = torch.nn.utils.weight_norm
+    else:
+        wn = torch.nn.utils.parametrizations.weight_norm
+    for when in ('before', 'after'):
+        # two equal models (old-style weight norm cannot be deep-copied)
+        ref, tuned = _prepare(Holder()), _prepare(Holder())
+        if when == 'before':
+            wn(ref.block.conv)
+            wn(tuned.block.conv)
+        report = turn_on_fast_conv_bn_eval(tuned, batch=batch)
+        assert report.converted == [('block.conv', 'block.bn')]
+        if when == 'after':
+            wn(ref.block.conv)
+            wn(tuned.block.conv)
+        _check(ref, tuned, _x(), report)
+
+
+def test_an_interrupted_forward_leaves_nothing_behind():
+    class Fails(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+            self.fail = False
+
+        def forward(self, x):
+            y = self.conv(x)
+            if self.fail:
+                raise MemoryError('out of memory (simulated)')
+            return self.bn(y)
+
+    ref, tuned, report = _tuned(_prepare(Fails()), expect=1)
+    tuned.fail = True
+    with pytest.raises(MemoryError):
+        tuned(_x())
+    tuned.fail = False
+    with _no_warning():
+        _check(ref, tuned, _x(), report)
+
+
+@pytest.mark.parametrize('batch', BATCH)
+@pytest.mark.parametrize('reentrant', [True, False])
+def test_checkpointed_helpers_fold_in_both_passes(reentrant, batch):
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = Block(3, 4)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def _inner(self, x):
+            return torch.relu(self.bn(self.conv(x)))
+
+        def forward(self, x):
+            x = self.a(x)
+            return checkpoint(self._inner, x, use_reentrant=reentrant)
+
+    ref, tuned, report = _tuned(_prepare(Checkpointed()), batch, expect=2)
+    x = _x().requires_grad_()
+    _check(ref, tuned, x, report)
+    counts = report.fold_counts()
+    # forward and recomputation, then _check's counting forward
+    assert counts[('conv', 'bn')].folded == 3
+
+
+def test_train_mode_calls_are_counted_with_their_reason():
+    ref, tuned, report = _tuned(_prepare(Holder()), expect=1)
+    for model in (ref, tuned):
+        model.train()
+    x = _x()
+    assert compare_models(ref, tuned, [x], rtol=1e-10) == []
+    summary = report.runtime_summary()
+    assert summary.splitlines()[0] == (
+        'mmtune tune mode: 0 of 1 converted pairs folded at every call'
+    )
+    assert 'the BN is in train mode' in summary
+    report.reset_counts()
+    assert report.runtime_summary().endswith('1 were not called')
+
+
+@pytest.mark.parametrize('batch', BATCH)
+def test_pickled_and_deep_copied_models_fold(batch):
+    _, tuned, _ = _tuned(_prepare(TorchvisionStyle()), batch, expect=2)
+    for copied in (pickle.loads(pickle.dumps(tuned)), copy.deepcopy(tuned)):
+        ref = copy.deepcopy(_prepare(TorchvisionStyle()))
+        ref.load_state_dict(copied.state_dict())
+        report = turn_on_fast_conv_bn_eval(copied, batch=batch)
+        assert report.already_on == 2
+        _check(ref, copied, _x(), report)
+        if batch:
+            (fold_batch,) = fold_batches(copied)
+            assert fold_batch.folds >= 1
