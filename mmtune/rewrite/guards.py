@@ -98,7 +98,9 @@ def conv_problem(conv: nn.Module) -> Optional[str]:
     return reason
 
 
-def bn_problem(bn: nn.Module, conv: Optional[nn.Module] = None) -> Optional[str]:
+def bn_problem(
+    bn: nn.Module, conv: Optional[nn.Module] = None
+) -> Optional[str]:
     """Why ``bn`` cannot be folded (into ``conv``, when given), or None."""
     reason = bn_type_problem(bn)
     if reason is not None:
@@ -161,4 +163,6 @@ def hooks_problem(conv: nn.Module, bn: nn.Module) -> Optional[str]:
 
 def pair_problem(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     """Everything that the modules themselves can make unfoldable."""
-    return conv_problem(conv) or bn_problem(bn, conv) or hooks_problem(conv, bn)
+    return (
+        conv_problem(conv) or bn_problem(bn, conv) or hooks_problem(conv, bn)
+    )

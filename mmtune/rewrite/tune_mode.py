@@ -51,7 +51,6 @@ from .guards import (
 from .report import ConvBNReport, SkipRecord
 
 
-
 def _codes_within(*functions) -> frozenset:
     """The code objects of ``functions`` and of the functions nested in
     them."""
@@ -514,9 +513,7 @@ def _runtimes(
     modules = dict(model.named_modules(remove_duplicate=False))
     found = []
     for conv_name, _ in converted:
-        owner = getattr(
-            instance_forward(modules[conv_name]), '__self__', None
-        )
+        owner = getattr(instance_forward(modules[conv_name]), '__self__', None)
         if isinstance(owner, TunePair):
             found.append(owner)
     return found
