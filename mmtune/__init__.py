@@ -21,6 +21,12 @@ from .rewrite import (
 )
 from .version import __version__, version_info
 
+if 'mmengine.config' in __import__('sys').modules:
+    # imported by a config's custom_imports: say if its keys go unread
+    from .engine.config import check_config_being_loaded
+
+    check_config_being_loaded()
+
 __all__ = [
     '__version__',
     'version_info',

@@ -260,3 +260,46 @@ MMDET_BACKBONES = {
     ),
     'mobilenetv2': dict(type='MobileNetV2', norm_eval=True),
 }
+
+
+def run_isolated(func: Callable, *args: str, timeout: float = 180) -> str:
+    """Run the module-level function ``func(*args)`` (string arguments) in
+    a fresh Python process, for tests that start a process group: a gloo
+    group torn down while a DDP reducer still holds it can hang a process
+    for good, and must not hang the test run.
+
+    Returns:
+        str: The process's output.
+
+    Raises:
+        AssertionError: the process failed or ran past ``timeout`` seconds
+            (with its output).
+    """
+    import inspect
+    import subprocess
+    import sys
+
+    path = inspect.getfile(func)
+    code = (
+        'import importlib.util, sys\n'
+        'spec = importlib.util.spec_from_file_location(\n'
+        f'    "_isolated", {path!r})\n'
+        'module = importlib.util.module_from_spec(spec)\n'
+        'sys.path.insert(0, __import__("os").path.dirname(spec.origin))\n'
+        'spec.loader.exec_module(module)\n'
+        f'module.{func.__name__}(*{list(args)!r})\n'
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, '-c', code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(
+            f'{func.__name__} ran past {timeout} s:\n{exc.output}'
+        ) from None
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return proc.stdout

@@ -26,6 +26,7 @@ from mmtune.datasets import prepare_demo_data
 from mmtune.engine.config import apply_mmtune_cfg
 from mmtune.engine.launch import (
     allow_full_checkpoint_load,
+    close_distributed,
     setup_cpu_distributed,
 )
 
@@ -155,6 +156,8 @@ def main():
 
     # start training
     runner.train()
+    del runner
+    close_distributed()
 
 
 if __name__ == '__main__':

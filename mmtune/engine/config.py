@@ -12,12 +12,15 @@ Keys:
   mmtune applies the rewrite, once, itself.
 """
 
-from typing import Any, Optional
+from typing import Optional
 
 from mmengine.config import Config
 from mmengine.logging import print_log
 
-from .hooks.fast_conv_bn_eval_hook import check_modules_arg
+from .hooks.fast_conv_bn_eval_hook import (
+    check_enabled_key,
+    check_modules_arg,
+)
 from .hooks.precise_bn_hook import precise_bn_hook_cfg
 
 _TUNE_HOOK_TYPES = ('mmtune.FastConvBNEvalHook', 'FastConvBNEvalHook')
@@ -37,16 +40,16 @@ def fast_conv_bn_eval_hook_cfg(cfg: Config) -> Optional[dict]:
     Raises:
         TypeError: a key has the wrong type (the message names the value).
     """
-    enabled: Any = cfg.get('fast_conv_bn_eval', None)
-    if enabled is not None and not isinstance(enabled, bool):
-        raise TypeError(
-            f'fast_conv_bn_eval must be True or False, got {enabled!r} of '
-            f'type {type(enabled).__name__}'
-        )
-    modules = check_modules_arg(cfg.get('fast_conv_bn_eval_modules', None))
+    enabled = check_enabled_key(cfg.get('fast_conv_bn_eval', None))
+    modules = check_modules_arg(
+        cfg.get('fast_conv_bn_eval_modules', None),
+        'fast_conv_bn_eval_modules',
+    )
     mmengine_modules = cfg.get('efficient_conv_bn_eval', None)
     if mmengine_modules is not None:
-        mmengine_modules = check_modules_arg(mmengine_modules)
+        mmengine_modules = check_modules_arg(
+            mmengine_modules, 'efficient_conv_bn_eval'
+        )
     if enabled is False:
         if modules is not None:
             print_log(
@@ -84,3 +87,53 @@ def apply_mmtune_cfg(cfg: Config) -> Config:
         hooks.append(precise)
     cfg.custom_hooks = hooks
     return cfg
+
+
+def unread_keys_warning(cfg) -> Optional[str]:
+    """The warning for a config that sets mmtune's keys but lists no
+    mmtune hook in ``custom_hooks`` (only mmtune's own tools add the hooks
+    from the keys), or None."""
+    unread = []
+    enabled = cfg.get('fast_conv_bn_eval', None)
+    modules = cfg.get('fast_conv_bn_eval_modules', None)
+    if (enabled or modules is not None) and not _has_hook(
+        cfg, _TUNE_HOOK_TYPES
+    ):
+        unread.append('fast_conv_bn_eval')
+    if cfg.get('precise_bn', None) and not _has_hook(cfg, _PRECISE_HOOK_TYPES):
+        unread.append('precise_bn')
+    if not unread:
+        return None
+    return (
+        f'mmtune: the config sets {" and ".join(unread)} but its '
+        "custom_hooks list no mmtune hook that reads it; only mmtune's own "
+        'tools/train.py and tools/test.py add the hooks from these keys. '
+        "With another codebase's tools, add mmtune's "
+        'configs/_base_/fast_conv_bn_eval.py to _base_, or '
+        "dict(type='mmtune.FastConvBNEvalHook') (and "
+        "dict(type='mmtune.PreciseBNHook', ...)) to custom_hooks."
+    )
+
+
+def check_config_being_loaded() -> None:
+    """Warn (see :func:`unread_keys_warning`) when mmtune is imported by
+    the ``custom_imports`` of a config that mmengine is loading: the one
+    moment mmtune runs before another codebase's ``tools/train.py`` builds
+    a Runner. Reads the config from mmengine's ``Config.fromfile`` frame;
+    does nothing if there is none."""
+    import sys
+
+    fromfile = getattr(Config.fromfile, '__code__', None)
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not fromfile:
+        frame = frame.f_back
+    if frame is None:
+        return
+    cfg_dict = frame.f_locals.get('cfg_dict')
+    if not isinstance(cfg_dict, dict):
+        return
+    message = unread_keys_warning(cfg_dict)
+    if message is not None:
+        import logging
+
+        print_log(message, logger='current', level=logging.WARNING)

@@ -57,3 +57,19 @@ def allow_full_checkpoint_load() -> None:
     """
     if 'TORCH_FORCE_WEIGHTS_ONLY_LOAD' not in os.environ:
         os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+
+
+def close_distributed() -> None:
+    """Free what the finished run left (its DDP reducer among it), then
+    destroy the process group. Call it after dropping the last reference
+    to the runner.
+
+    Left to interpreter exit, a gloo group can be torn down while a DDP
+    reducer still holds it: the process then aborts ("terminate called
+    without an active exception") or hangs.
+    """
+    import gc
+
+    gc.collect()
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

@@ -79,7 +79,10 @@ DIVERGED = 'an earlier call diverged from the analysis'
 WRAPPED = 'a forward wrapper was installed on the conv or the BN'
 SWAPPED = 'the frame no longer calls these modules (replaced after turn-on)'
 CALLER = 'called from outside the forward that the analysis traced'
-NOT_ARMED = "called outside its frame handler's forward"
+NOT_ARMED = (
+    "its frame's forward does not apply the BN right after the conv in this "
+    'call (e.g. norm=False)'
+)
 ARGUMENTS = 'called with arguments the conv does not take'
 
 

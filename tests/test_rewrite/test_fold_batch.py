@@ -5,6 +5,7 @@ an unused branch, frozen pairs, different eps, optimizer steps with weight
 decay, checkpointing, repeated forwards, state changes between forwards."""
 
 import copy
+import gc
 import logging
 import types
 
@@ -19,6 +20,7 @@ from mmtune.testing import (
     compare_models,
     fold_batches,
     randomize_bn,
+    run_isolated,
 )
 
 _batches = fold_batches
@@ -245,7 +247,7 @@ def test_deepcopy_has_its_own_batch_and_stays_exact():
     assert batch.folds == 1
 
 
-def test_hook_turns_batching_off_for_ddp_looking_for_unused(tmp_path):
+def _ddp_hook_batching(tmp):
     from torch.nn.parallel import DistributedDataParallel
 
     from mmtune.engine.hooks.fast_conv_bn_eval_hook import (
@@ -253,23 +255,27 @@ def test_hook_turns_batching_off_for_ddp_looking_for_unused(tmp_path):
     )
 
     dist.init_process_group(
-        'gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1
+        'gloo', init_method=f'file://{tmp}/store', rank=0, world_size=1
     )
-    try:
-        for find_unused, expected in ((True, 0), (False, 1)):
-            model = Net()
-            wrapped = DistributedDataParallel(
-                model, find_unused_parameters=find_unused
-            )
-            runner = types.SimpleNamespace(
-                model=wrapped, logger=logging.getLogger('test')
-            )
-            hook = FastConvBNEvalHook()
-            hook.before_train(runner)
-            assert len(hook.report.converted) == 5
-            assert len(_batches(model)) == expected
-    finally:
-        dist.destroy_process_group()
+    for find_unused, expected in ((True, 0), (False, 1)):
+        model = Net()
+        wrapped = DistributedDataParallel(
+            model, find_unused_parameters=find_unused
+        )
+        runner = types.SimpleNamespace(
+            model=wrapped, logger=logging.getLogger('test')
+        )
+        hook = FastConvBNEvalHook()
+        hook.before_train(runner)
+        assert len(hook.report.converted) == 5
+        assert len(_batches(model)) == expected
+        del wrapped, runner, hook
+    gc.collect()  # the reducers go before the group
+    dist.destroy_process_group()
+
+
+def test_hook_turns_batching_off_for_ddp_looking_for_unused(tmp_path):
+    run_isolated(_ddp_hook_batching, str(tmp_path))
 
 
 def test_hook_refuses_a_bad_batch_value():

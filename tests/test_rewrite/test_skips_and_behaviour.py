@@ -380,21 +380,29 @@ def test_submodule_selection():
     assert 'forward' not in model['b'][0].__dict__
 
 
-def test_ddp_single_process(tmp_path):
+def _ddp_single_process(tmp):
+    import gc
+
     import torch.distributed as dist
 
     dist.init_process_group(
-        'gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1
+        'gloo', init_method=f'file://{tmp}/store', rank=0, world_size=1
     )
-    try:
-        model = _resnetish()
-        ref = copy.deepcopy(model)
-        turn_on_fast_conv_bn_eval(model)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        ref_ddp = nn.parallel.DistributedDataParallel(ref)
-        assert compare_models(ref_ddp, ddp, [_x(2, 3, 5, 5)], rtol=1e-5) == []
-    finally:
-        dist.destroy_process_group()
+    model = _resnetish()
+    ref = copy.deepcopy(model)
+    turn_on_fast_conv_bn_eval(model)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ref_ddp = nn.parallel.DistributedDataParallel(ref)
+    assert compare_models(ref_ddp, ddp, [_x(2, 3, 5, 5)], rtol=1e-5) == []
+    del ddp, ref_ddp, model, ref
+    gc.collect()  # the reducers go before the group
+    dist.destroy_process_group()
+
+
+def test_ddp_single_process(tmp_path):
+    from mmtune.testing import run_isolated
+
+    run_isolated(_ddp_single_process, str(tmp_path))
 
 
 # ------------------------------------------------------------- deploy

@@ -16,11 +16,18 @@ from mmtune.rewrite.tune_mode import resolve_roots
 Modules = Union[None, str, Sequence[str]]
 
 
-def check_modules_arg(modules: Modules) -> Optional[List[str]]:
+def check_modules_arg(
+    modules: Modules, what: str = 'modules'
+) -> Optional[List[str]]:
     """Validate a ``modules`` value (None, a name or a list of names).
 
+    Args:
+        modules: The value.
+        what (str): The argument or config key it came from, for the
+            error. Defaults to ``'modules'``.
+
     Raises:
-        TypeError: naming the bad value.
+        TypeError: naming ``what`` and the bad value.
     """
     if modules is None:
         return None
@@ -31,9 +38,23 @@ def check_modules_arg(modules: Modules) -> Optional[List[str]]:
     ):
         return list(modules)
     raise TypeError(
-        'fast_conv_bn_eval_modules must be None, a module name or a list '
+        f'{what} must be None, a module name or a list '
         f'of module names, got {modules!r}'
     )
+
+
+def check_enabled_key(value) -> Optional[bool]:
+    """Validate the config key ``fast_conv_bn_eval`` (None, True or False).
+
+    Raises:
+        TypeError: naming the bad value.
+    """
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(
+            f'fast_conv_bn_eval must be True or False, got {value!r} of '
+            f'type {type(value).__name__}'
+        )
+    return value
 
 
 def unwrap_model(runner: Runner) -> nn.Module:
@@ -51,7 +72,15 @@ class FastConvBNEvalHook(Hook):
     ``before_test`` in runs that only evaluate), that is after the optimizer
     is built, the weights are initialised and any checkpoint is loaded or
     resumed: build optimizer -> init weights -> load/resume -> rewrite. It
-    acts once per run and never converts anything twice.
+    acts once per run and never converts anything twice. After the first
+    iteration it logs how the converted pairs' calls went
+    (:meth:`~mmtune.rewrite.ConvBNReport.runtime_summary`).
+
+    The hook reads mmtune's config keys, so that a config (or
+    ``--cfg-options``) works with any codebase's own ``tools/train.py``:
+    ``fast_conv_bn_eval=False`` makes it do nothing, and
+    ``fast_conv_bn_eval_modules`` names the submodules when the hook's own
+    ``modules`` is None.
 
     If the config also sets mmengine's own ``efficient_conv_bn_eval``, this
     hook removes that key before the runner acts on it (mmengine would
@@ -80,15 +109,43 @@ class FastConvBNEvalHook(Hook):
         self.modules = check_modules_arg(modules)
         check_batch_arg(batch)
         self.batch = batch
+        self.enabled = True
         self.report: Optional[ConvBNReport] = None
+        self._logged = False
 
     def before_run(self, runner: Runner) -> None:
-        """Validate module names and take over mmengine's own option."""
-        mmengine_modules = runner.cfg.get('efficient_conv_bn_eval', None)
+        """Read mmtune's config keys, validate module names and take over
+        mmengine's own option."""
+        cfg = runner.cfg
+        if check_enabled_key(cfg.get('fast_conv_bn_eval', None)) is False:
+            self.enabled = False
+            runner.logger.info(
+                'mmtune: fast_conv_bn_eval=False in the config, so '
+                'FastConvBNEvalHook leaves the model as it is'
+            )
+            return
+        cfg_modules = check_modules_arg(
+            cfg.get('fast_conv_bn_eval_modules', None),
+            'fast_conv_bn_eval_modules',
+        )
+        if self.modules is None:
+            self.modules = cfg_modules
+        elif cfg_modules is not None and set(cfg_modules) != set(self.modules):
+            raise ValueError(
+                f'FastConvBNEvalHook(modules={self.modules!r}) and the '
+                f'config key fast_conv_bn_eval_modules={cfg_modules!r} '
+                'name different modules; set one of them'
+            )
+        mmengine_modules = cfg.get('efficient_conv_bn_eval', None)
         if mmengine_modules is not None:
             runner.cfg.pop('efficient_conv_bn_eval')
             if self.modules is not None:
-                extra = check_modules_arg(mmengine_modules) or []
+                extra = (
+                    check_modules_arg(
+                        mmengine_modules, 'efficient_conv_bn_eval'
+                    )
+                    or []
+                )
                 self.modules = sorted(set(self.modules) | set(extra))
             runner.logger.info(
                 "mmtune: the config sets mmengine's efficient_conv_bn_eval="
@@ -100,7 +157,7 @@ class FastConvBNEvalHook(Hook):
         resolve_roots(unwrap_model(runner), self.modules)
 
     def _apply(self, runner: Runner) -> None:
-        if self.report is not None:
+        if self.report is not None or not self.enabled:
             return
         batch = self.batch
         if batch == 'auto' and getattr(
@@ -116,6 +173,11 @@ class FastConvBNEvalHook(Hook):
         )
         runner.logger.info(str(self.report))
 
+    def _log_counts(self, runner: Runner) -> None:
+        if self.report is not None and not self._logged:
+            self._logged = True
+            runner.logger.info(self.report.runtime_summary())
+
     def before_train(self, runner: Runner) -> None:
         self._apply(runner)
 
@@ -124,3 +186,18 @@ class FastConvBNEvalHook(Hook):
 
     def before_test(self, runner: Runner) -> None:
         self._apply(runner)
+
+    def after_train_iter(
+        self, runner, batch_idx: int, data_batch=None, outputs=None
+    ) -> None:
+        self._log_counts(runner)
+
+    def after_val_iter(
+        self, runner, batch_idx: int, data_batch=None, outputs=None
+    ) -> None:
+        self._log_counts(runner)
+
+    def after_test_iter(
+        self, runner, batch_idx: int, data_batch=None, outputs=None
+    ) -> None:
+        self._log_counts(runner)
