@@ -2,6 +2,7 @@
 """FastConvBNEvalHook and the config keys in real Runner runs on the demo
 detector."""
 
+import copy
 import os.path as osp
 import subprocess
 import sys
@@ -151,17 +152,62 @@ def test_resume_matches_uninterrupted(tmp_path):
 
 
 def test_ema_hook(tmp_path):
-    runner, losses = run_training(
-        demo_cfg(
-            tmp_path,
-            max_iters=2,
-            fast_conv_bn_eval=True,
-            custom_hooks=[dict(type='EMAHook', momentum=0.1)],
+    """EMAHook swaps the EMA weights in through ``.data`` around every
+    validation; with frozen_stages the frozen pairs fold too. Validation
+    in tune mode must equal the same run without it, and after the swaps
+    back the model must compute eval mode's values."""
+    from mmtune import turn_off_fast_conv_bn_eval
+
+    metrics, runners = {}, {}
+    for on in (False, True):
+        runner, losses = run_training(
+            demo_cfg(
+                tmp_path / str(on),
+                max_iters=2,
+                fast_conv_bn_eval=on,
+                custom_hooks=[dict(type='EMAHook', momentum=0.1)],
+            )
         )
-    )
-    assert len(losses) == 2
-    metrics = runner.val()  # runs on the EMA weights
-    assert 'coco/bbox_mAP' in metrics
+        assert len(losses) == 2
+        metrics[on] = runner.val()  # runs on the EMA weights
+        runners[on] = runner
+    assert metrics[True] == pytest.approx(metrics[False], abs=1e-3)
+    model = runners[True].model
+    report = [h for h in runners[True].hooks if hasattr(h, 'report')][0]
+    assert report.report.never_folded() == []
+    plain = copy.deepcopy(model)
+    assert turn_off_fast_conv_bn_eval(plain) > 0
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    report.report.reset_counts()
+    with torch.no_grad():
+        for p, q in zip(model.extract_feat(x), plain.extract_feat(x)):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    counts = report.report.fold_counts().values()
+    assert all(c.folded == 1 and not c.computed for c in counts)
+
+
+def test_hook_reads_the_config_keys(tmp_path):
+    from mmengine.runner import Runner
+
+    hook = dict(type='mmtune.FastConvBNEvalHook')
+    for options, converted in (
+        (dict(fast_conv_bn_eval=False), None),
+        (dict(fast_conv_bn_eval_modules=['neck']), 0),
+        (dict(fast_conv_bn_eval_modules='backbone'), 20),
+    ):
+        cfg = demo_cfg(tmp_path / str(converted), max_iters=1, **options)
+        cfg.custom_hooks = [hook]
+        runner = Runner.from_cfg(cfg)  # no apply_mmtune_cfg: as mmdet's
+        runner.train()
+        (tune,) = [h for h in runner.hooks if hasattr(h, 'report')]
+        if converted is None:
+            assert tune.report is None
+        else:
+            assert len(tune.report.converted) == converted
+    cfg = demo_cfg(tmp_path / 'clash', fast_conv_bn_eval_modules='backbone')
+    cfg.custom_hooks = [dict(hook, modules=['neck'])]
+    with pytest.raises(ValueError, match='name different modules'):
+        Runner.from_cfg(cfg).train()
 
 
 def test_mmengine_option_is_taken_over(tmp_path, calls):

@@ -132,6 +132,7 @@ def test_check_passes_on_demo(check_tool, demo_env, capsys):
     assert 'run-time check: 20 Conv->BN pairs computed, 20 of them ' in log
     assert log.count(': match') == 3
     assert 'OK: tune mode matches eval mode' in log
+    assert '20 of 20 converted pairs folded at every call' in log
 
 
 def test_check_fails_on_a_wrong_fold(check_tool, monkeypatch, capsys):
@@ -148,6 +149,18 @@ def test_check_fails_on_a_wrong_fold(check_tool, monkeypatch, capsys):
     assert "mode='tensor': output 0: relative error" in log
     assert "mode='loss': loss: relative error" in log
     assert 'FAILED' in log
+
+
+def test_check_fails_when_a_converted_pair_never_folds(
+    check_tool, monkeypatch, capsys
+):
+    monkeypatch.setattr(tune_mode, 'chain_matches', lambda *args: False)
+    status = check_tool.main([CLS, '--batch-size', '2', *SMALL_CLS])
+    log = capsys.readouterr().out
+    assert status == 1, log[-5000:]
+    assert ': match' in log and 'MISMATCH' not in log  # values are right
+    assert 'converted pairs never folded in these passes' in log
+    assert 'called from outside the forward that the analysis traced' in log
 
 
 def test_check_classifier_and_bad_arguments(check_tool, capsys):

@@ -438,6 +438,14 @@ def _check(args, model, inputs, data_samples) -> int:
 
     if not report.converted:
         print('nothing converted: tune mode changes nothing here')
+    print(report.runtime_summary())
+    never = report.never_folded()
+    if never:
+        problems.append(
+            f'{len(never)} converted pairs never folded in these passes '
+            '(tune mode saves nothing for them): '
+            + ', '.join(f'{conv} -> {bn}' for conv, bn in never)
+        )
     if problems:
         print(f'\nFAILED: {len(problems)} mismatches (allowed {allowed:.2g}):')
         for problem in problems:
