@@ -61,6 +61,7 @@ def _check(ref, tuned, x, report, folded=True):
         assert all(not c.computed and c.folded for c in counts.values()), (
             report.runtime_summary()
         )
+        assert counter.calls == 0  # every BN of these models is a pair's
     return counter
 
 
@@ -180,6 +181,10 @@ def _writes():
     def conv_assign(m):
         m.conv.weight.data = torch.randn_like(m.conv.weight)
 
+    def conv_set(m):
+        with torch.no_grad():
+            m.conv.weight.set_(torch.randn_like(m.conv.weight))
+
     def bn_weight(m):
         m.bn.weight.data.add_(0.7)
 
@@ -193,6 +198,7 @@ def _writes():
         conv_mul,
         conv_copy,
         conv_assign,
+        conv_set,
         bn_weight,
         running_var,
         running_mean_assign,
