@@ -7,6 +7,7 @@ from .conv_bn import (
     conv_forward_with,
     fold_bias,
     fold_conv_bn,
+    fold_modules,
 )
 from .fold_group import FoldGroupPlan, fold_conv_bn_group
 
@@ -14,6 +15,7 @@ __all__ = [
     'bn_inv_std',
     'bn_scale',
     'fold_conv_bn',
+    'fold_modules',
     'fold_bias',
     'conv_forward_with',
     'FoldGroupPlan',

@@ -97,6 +97,23 @@ def fold_conv_bn(
     return weight.to(dtype), bias.to(dtype)
 
 
+def fold_modules(conv: nn.Module, bn: nn.Module) -> Tuple[Tensor, Tensor]:
+    """:func:`fold_conv_bn` of a conv and a BN module, from the tensors
+    their own forwards read now (attributes, so parametrized or
+    hook-computed weights are the ones used)."""
+    return fold_conv_bn(
+        conv.weight,
+        conv.bias,
+        bn.running_mean,
+        bn.running_var,
+        bn.weight,
+        bn.bias,
+        bn.eps,
+        conv.transposed,
+        conv.groups,
+    )
+
+
 def bn_scale(inv_std: Tensor, bn_weight: Optional[Tensor]) -> Tensor:
     """``gamma / sqrt(var + eps)`` from the inverse std (``gamma = 1``
     without affine): what folding multiplies each output channel by."""

@@ -6,7 +6,7 @@ import time
 import torch
 from torch import nn
 
-from ..ops import fold_conv_bn
+from ..ops import fold_modules
 from .analysis import analyse
 from .report import ConvBNReport
 from .tune_mode import resolve_roots, turn_off_fast_conv_bn_eval
@@ -44,17 +44,7 @@ def fuse_conv_bn(model: nn.Module, modules=None) -> ConvBNReport:
     report = ConvBNReport(mode='deploy', skipped=list(analysis.skipped))
     for pair in analysis.pairs:
         conv, bn = pair.conv, pair.bn
-        weight, bias = fold_conv_bn(
-            conv.weight,
-            conv.bias,
-            bn.running_mean,
-            bn.running_var,
-            bn.weight,
-            bn.bias,
-            bn.eps,
-            conv.transposed,
-            conv.groups,
-        )
+        weight, bias = fold_modules(conv, bn)
         conv.weight.copy_(weight)
         if conv.bias is None:
             conv.bias = nn.Parameter(

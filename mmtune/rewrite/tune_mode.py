@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from ..ops import conv_forward_with, fold_conv_bn
+from ..ops import conv_forward_with, fold_modules
 from .analysis import CHECKPOINT, Analysis, Chain, Pair, analyse
 from .fold_batch import FoldBatch, _is_compiling, check_batch_arg
 from .guards import (
@@ -174,17 +174,7 @@ def fold_forward(
 ) -> Tensor:
     """``bn(conv(x))`` for an eval-mode ``bn``, as one convolution, from
     the tensors the modules' own forwards would read now."""
-    weight, bias = fold_conv_bn(
-        conv.weight,
-        conv.bias,
-        bn.running_mean,
-        bn.running_var,
-        bn.weight,
-        bn.bias,
-        bn.eps,
-        conv.transposed,
-        conv.groups,
-    )
+    weight, bias = fold_modules(conv, bn)
     return conv_forward_with(conv, x, weight, bias, output_size)
 
 

@@ -136,13 +136,13 @@ def test_check_passes_on_demo(check_tool, demo_env, capsys):
 
 
 def test_check_fails_on_a_wrong_fold(check_tool, monkeypatch, capsys):
-    fold = tune_mode.fold_conv_bn
+    fold = tune_mode.fold_modules
 
     def wrong_fold(*args, **kwargs):
         weight, bias = fold(*args, **kwargs)
         return weight, bias + 1e-3
 
-    monkeypatch.setattr(tune_mode, 'fold_conv_bn', wrong_fold)
+    monkeypatch.setattr(tune_mode, 'fold_modules', wrong_fold)
     status = check_tool.main([CLS, '--batch-size', '2', *SMALL_CLS])
     log = capsys.readouterr().out
     assert status == 1, log[-5000:]
