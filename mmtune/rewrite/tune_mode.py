@@ -224,7 +224,8 @@ class TunePair:
     _TRANSIENT = ('pending', 'armed', 'folded', 'computed')
 
     def __deepcopy__(self, memo):
-        # code objects are copied as themselves (copy treats them as atoms)
+        # not through __getstate__ (which turns the chains' code objects
+        # into keys for pickle): copy keeps code objects as they are
         new = object.__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():

@@ -59,6 +59,16 @@ def test_backbone_whole_model(name, batch):
     ref.eval()
     model.eval()
     assert compare_models(ref, model, [x], rtol=1e-9) == []
+    _assert_all_folded(report)
+
+
+def _assert_all_folded(report):
+    """Every converted pair folded at every call (train and eval)."""
+    counts = report.fold_counts()
+    assert len(counts) == len(report.converted)
+    assert all(c.folded and not c.computed for c in counts.values()), (
+        report.runtime_summary()
+    )
 
 
 def _detector(config):
@@ -99,6 +109,7 @@ def test_retinanet_r50_fpn_whole_detector(batch):
     assert [b.folds > 0 for b in fold_batches(model)] == (
         [True] if batch else []
     )
+    _assert_all_folded(report)
 
 
 def test_mask_rcnn_turn_on_cost_and_deploy():
