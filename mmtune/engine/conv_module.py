@@ -11,9 +11,9 @@ for something else (``norm=False``, a BN in train mode, hooks) runs the
 modules as the original does.
 
 Unlike mmcv's own ``efficient_conv_bn_eval``, this path checks that the conv
-is a plain convolution (not a DCN, a weight-standardised or an adaptive-
-padding conv), re-checks the BN at every call, and never deletes a forward
-set on the conv instance.
+is a plain or declared-foldable convolution (:mod:`.mmcv_convs`; a DCN is
+not), re-checks everything at every call, and never deletes a forward set
+on the conv instance.
 """
 
 from typing import Optional

@@ -97,12 +97,15 @@ def fold_conv_bn(
     return weight.to(dtype), bias.to(dtype)
 
 
-def fold_modules(conv: nn.Module, bn: nn.Module) -> Tuple[Tensor, Tensor]:
+def fold_modules(
+    conv: nn.Module, bn: nn.Module, weight: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """:func:`fold_conv_bn` of a conv and a BN module, from the tensors
     their own forwards read now (attributes, so parametrized or
-    hook-computed weights are the ones used)."""
+    hook-computed weights are the ones used); ``weight`` replaces
+    ``conv.weight`` when given (a weight the conv's forward computes)."""
     return fold_conv_bn(
-        conv.weight,
+        conv.weight if weight is None else weight,
         conv.bias,
         bn.running_mean,
         bn.running_var,

@@ -3,6 +3,7 @@
 mode, or fold them for deployment."""
 
 from .deploy import fuse_conv_bn
+from .guards import FoldableConv, register_foldable_conv
 from .handlers import FrameHandler, HandledFrame, register_frame_handler
 from .report import ConvBNReport, SkipRecord
 from .tune_mode import turn_off_fast_conv_bn_eval, turn_on_fast_conv_bn_eval
@@ -16,4 +17,6 @@ __all__ = [
     'FrameHandler',
     'HandledFrame',
     'register_frame_handler',
+    'register_foldable_conv',
+    'FoldableConv',
 ]

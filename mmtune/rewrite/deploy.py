@@ -8,7 +8,8 @@ from torch import nn
 
 from ..ops import fold_modules
 from .analysis import analyse
-from .report import ConvBNReport
+from .guards import foldable_conv
+from .report import ConvBNReport, SkipRecord
 from .tune_mode import resolve_roots, turn_off_fast_conv_bn_eval
 
 
@@ -44,6 +45,17 @@ def fuse_conv_bn(model: nn.Module, modules=None) -> ConvBNReport:
     report = ConvBNReport(mode='deploy', skipped=list(analysis.skipped))
     for pair in analysis.pairs:
         conv, bn = pair.conv, pair.bn
+        spec = foldable_conv(type(conv))
+        if spec is not None and spec.weight is not None:
+            # its forward would transform the folded weight again
+            report.skipped.append(
+                SkipRecord(
+                    (pair.conv_name, pair.bn_name),
+                    f'{type(conv).__name__} computes its weight in its '
+                    'forward; deploy mode cannot store a folded one',
+                )
+            )
+            continue
         weight, bias = fold_modules(conv, bn)
         conv.weight.copy_(weight)
         if conv.bias is None:

@@ -7,9 +7,10 @@ analysis and the run time call the same functions, so a pair is never
 accepted by one and refused by the other for a reason they disagree on.
 """
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
@@ -51,6 +52,62 @@ _BN_INPUT_DIMS = {
 }
 
 
+@dataclass(frozen=True)
+class FoldableConv:
+    """How a conv class with its own ``forward`` computes, for folding.
+
+    The class's forward must compute exactly
+    ``conv._conv_forward(input(conv, x), weight(conv), conv.bias)`` (for a
+    transposed conv, the transposed convolution of its ``forward`` with
+    that weight): a transform of the input (e.g. adaptive padding) and of
+    the weight (e.g. weight standardisation), both differentiable. Tune mode
+    then folds the BN into ``weight(conv)`` at every call.
+
+    Attributes:
+        weight (callable, optional): ``conv -> Tensor``, the weight the
+            forward convolves with; None: ``conv.weight``.
+        input (callable, optional): ``(conv, x) -> Tensor``, what the
+            forward does to its input first; None: nothing.
+    """
+
+    weight: Optional[Callable[[nn.Module], Tensor]] = None
+    input: Optional[Callable[[nn.Module, Tensor], Tensor]] = None
+
+    @property
+    def plain(self) -> bool:
+        """Whether it convolves its own weight with its input unchanged."""
+        return self.weight is None and self.input is None
+
+
+_FOLDABLE_CONVS: Dict[type, FoldableConv] = {}
+
+
+def register_foldable_conv(
+    cls: type,
+    weight: Optional[Callable[[nn.Module], Tensor]] = None,
+    input: Optional[Callable[[nn.Module, Tensor], Tensor]] = None,
+) -> type:
+    """Declare a conv subclass with its own ``forward`` foldable: tune mode
+    folds it as :class:`FoldableConv` describes (``weight``, ``input``).
+    Exactly that class, not its subclasses. Returns ``cls``.
+
+    Raises:
+        TypeError: ``cls`` is not a subclass of a torch convolution.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, _ConvNd)):
+        raise TypeError(
+            'register_foldable_conv takes a subclass of nn.Conv1d/2d/3d or '
+            f'nn.ConvTranspose1d/2d/3d, got {cls!r}'
+        )
+    _FOLDABLE_CONVS[cls] = FoldableConv(weight, input)
+    return cls
+
+
+def foldable_conv(cls: type) -> Optional[FoldableConv]:
+    """How a registered conv class folds, or None (not registered)."""
+    return _FOLDABLE_CONVS.get(cls)
+
+
 def instance_forward(module: nn.Module) -> Optional[Callable]:
     """The ``forward`` set on the instance (not its class), if any."""
     return module.__dict__.get('forward')
@@ -68,13 +125,16 @@ def conv_type_problem(conv: nn.Module) -> Optional[str]:
     if not isinstance(conv, _ConvNd):
         return f'{type(conv).__name__} is not a convolution'
     cls = type(conv)
+    if cls in _FOLDABLE_CONVS:
+        return None
     if cls.forward not in PLAIN_CONV_FORWARDS or (
         not conv.transposed
         and cls._conv_forward not in PLAIN_CONV_FORWARD_IMPLS
     ):
         return (
-            f'the conv type {cls.__name__} has its own forward (e.g. '
-            'weight standardisation or adaptive padding)'
+            f'the conv type {cls.__name__} has its own forward (declare '
+            'it with mmtune.rewrite.register_foldable_conv if it only '
+            'transforms its input or weight)'
         )
     return None
 

@@ -66,8 +66,12 @@ class FrameHandler:
 
 
 _HANDLERS: List[FrameHandler] = []
-#: (library that must be imported, module that registers its handler)
-_PROVIDERS = [('mmcv', 'mmtune.engine.conv_module')]
+#: (library that must be imported, module that registers its frame handler
+#: or its foldable conv types)
+_PROVIDERS = [
+    ('mmcv', 'mmtune.engine.conv_module'),
+    ('mmcv', 'mmtune.engine.mmcv_convs'),
+]
 
 
 def register_frame_handler(handler: FrameHandler) -> FrameHandler:

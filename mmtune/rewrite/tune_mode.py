@@ -44,6 +44,7 @@ from .fold_batch import FoldBatch, _is_compiling, check_batch_arg
 from .guards import (
     bn_type_problem,
     conv_type_problem,
+    foldable_conv,
     hooks_problem,
     instance_forward,
     is_mmtune_forward,
@@ -173,8 +174,16 @@ def fold_forward(
     conv: nn.Module, bn: nn.Module, x: Tensor, output_size=None
 ) -> Tensor:
     """``bn(conv(x))`` for an eval-mode ``bn``, as one convolution, from
-    the tensors the modules' own forwards would read now."""
-    weight, bias = fold_modules(conv, bn)
+    the tensors the modules' own forwards would read now (through a
+    registered conv class's input and weight transforms)."""
+    spec = foldable_conv(type(conv))
+    conv_weight = None
+    if spec is not None:
+        if spec.input is not None:
+            x = spec.input(conv, x)
+        if spec.weight is not None:
+            conv_weight = spec.weight(conv)
+    weight, bias = fold_modules(conv, bn, conv_weight)
     return conv_forward_with(conv, x, weight, bias, output_size)
 
 
@@ -204,7 +213,12 @@ class TunePair:
         self.conv_type, self.bn_type = type(conv), type(bn)
         self.batch = None
         self.index = -1
-        if batch is not None and not conv.transposed:
+        spec = foldable_conv(type(conv))
+        if (
+            batch is not None
+            and not conv.transposed
+            and (spec is None or spec.plain)
+        ):
             self.batch = batch
             self.index = batch.add(conv, bn, pair.conv_name)
         self.disabled = False
