@@ -21,8 +21,9 @@ from .rewrite import (
 )
 from .version import __version__, version_info
 
-if 'mmengine.config' in __import__('sys').modules:
-    # imported by a config's custom_imports: say if its keys go unread
+if __import__('importlib.util').util.find_spec('mmengine') is not None:
+    # mmtune's hooks, registered under their plain names too, and, when a
+    # config's custom_imports imports mmtune, a word on unread keys
     from .engine.config import check_config_being_loaded
 
     check_config_being_loaded()

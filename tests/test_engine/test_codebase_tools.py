@@ -205,3 +205,26 @@ def test_flexible_runner_with_ddp_strategy_on_gloo(tmp_path):
     ]
     assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-5)
     assert losses[0][1] == pytest.approx(losses[1][1], rel=2e-2)
+
+
+def test_import_mmtune_makes_the_plain_hook_names_resolvable():
+    """In a fresh process, whichever hook is built first and in whichever
+    scope: ``import mmtune`` alone registers both hooks."""
+    code = (
+        'import sys\n'
+        'import mmtune\n'
+        "print('mmcv' in sys.modules, 'mmdet' in sys.modules)\n"
+        'from mmengine.registry import HOOKS, DefaultScope\n'
+        'from mmdet.registry import HOOKS as MMDET_HOOKS\n'
+        "print(type(HOOKS.build(dict(type='FastConvBNEvalHook'))).__module__)\n"
+        "with DefaultScope.overwrite_default_scope('mmdet'):\n"
+        '    hook = MMDET_HOOKS.build(dict(type="PreciseBNHook"))\n'
+        '    print(type(hook).__module__)\n'
+    )
+    out = _run(['-c', code], dict(os.environ))
+    assert out.split()[-4:] == [
+        'False',  # import mmtune imports neither mmcv nor mmdet
+        'False',
+        'mmtune.engine.hooks.fast_conv_bn_eval_hook',
+        'mmtune.engine.hooks.precise_bn_hook',
+    ], out
