@@ -12,6 +12,13 @@ on every one of those paths, the conv output goes to the BN and nowhere
 else, the BN gets nothing else, and neither module is called from any other
 place. A frame that cannot be traced loses only the pairs it calls directly;
 its children are frames of their own.
+
+For every module call it traces, the analysis also records the call chain:
+the code objects from the function that called the module up to the
+frame's ``forward`` (helper methods, nested functions, decorators), or up
+to a ``torch.utils.checkpoint`` call. Tune mode folds a call only when it
+comes through one of the chains of its conv, so the run time folds exactly
+where the trace looked.
 """
 
 import contextlib
