@@ -262,22 +262,51 @@ MMDET_BACKBONES = {
 }
 
 
-def run_isolated(func: Callable, *args: str, timeout: float = 180) -> str:
-    """Run the module-level function ``func(*args)`` (string arguments) in
-    a fresh Python process, for tests that start a process group: a gloo
-    group torn down while a DDP reducer still holds it can hang a process
-    for good, and must not hang the test run.
-
-    Returns:
-        str: The process's output.
+def run_python(
+    args: Sequence[str],
+    env: Optional[Dict[str, str]] = None,
+    cwd: Optional[str] = None,
+    timeout: float = 300,
+) -> str:
+    """Run ``python *args`` in a fresh process and return its output
+    (stdout and stderr together).
 
     Raises:
         AssertionError: the process failed or ran past ``timeout`` seconds
-            (with its output).
+            (with the end of its output).
     """
-    import inspect
     import subprocess
     import sys
+
+    try:
+        proc = subprocess.run(
+            [sys.executable, *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(
+            f'python {" ".join(args)[:200]} ran past {timeout} s:\n'
+            f'{exc.output}'
+        ) from None
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    return proc.stdout
+
+
+def run_isolated(func: Callable, *args: str, timeout: float = 180) -> str:
+    """Run the module-level function ``func(*args)`` (string arguments) in
+    a fresh Python process (:func:`run_python`), for tests that start a
+    process group: a gloo group torn down while a DDP reducer still holds
+    it can hang a process for good, and must not hang the test run.
+
+    Returns:
+        str: The process's output.
+    """
+    import inspect
 
     path = inspect.getfile(func)
     code = (
@@ -289,17 +318,4 @@ def run_isolated(func: Callable, *args: str, timeout: float = 180) -> str:
         'spec.loader.exec_module(module)\n'
         f'module.{func.__name__}(*{list(args)!r})\n'
     )
-    try:
-        proc = subprocess.run(
-            [sys.executable, '-c', code],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(
-            f'{func.__name__} ran past {timeout} s:\n{exc.output}'
-        ) from None
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    return proc.stdout
+    return run_python(['-c', code], timeout=timeout)

@@ -8,12 +8,12 @@ import os
 import os.path as osp
 import re
 import socket
-import subprocess
-import sys
 
 import pytest
 
 pytest.importorskip('mmdet')
+
+from mmtune.testing import run_python  # noqa: E402
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEMO = osp.join(
@@ -59,21 +59,8 @@ def _losses(log):
     return [float(v) for _, v in found]
 
 
-def _run(args, env, cwd=REPO, timeout=300):
-    try:
-        proc = subprocess.run(
-            [sys.executable, *args],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f'ran past {timeout} s:\n{exc.output}') from None
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    return proc.stdout
+def _run(args, env):
+    return run_python(args, env=env, cwd=REPO)
 
 
 def test_mmdet_own_train_tool_with_the_base_config(tmp_path):

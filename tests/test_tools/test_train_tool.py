@@ -22,6 +22,7 @@ import torch.nn as nn
 pytest.importorskip('mmdet')
 
 import mmtune  # noqa: E402
+from mmtune.testing import run_python  # noqa: E402
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIG = osp.join(
@@ -39,17 +40,7 @@ SMALL = [
 
 def _run(args, env, timeout=300):
     """Run a tool, fail with its output if it fails, return its output."""
-    proc = subprocess.run(
-        [sys.executable, *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout[-5000:]
-    return proc.stdout
+    return run_python(args, env=env, cwd=REPO, timeout=timeout)
 
 
 def _bbox_map(log):
