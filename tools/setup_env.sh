@@ -4,7 +4,7 @@
 # Creates ./.venv (override with MMTUNE_VENV) holding torch 2.13.0 (CPU),
 # mmengine 0.10.7, mmcv 2.1.0 built from source WITH its compiled ops,
 # mmdet 3.3.0, the test tools and mmtune itself in editable mode.
-# Building mmcv takes about 11 minutes on 2 cores the first time; pip caches
+# Building mmcv takes about 22 minutes on 2 cores the first time; pip caches
 # the wheel, and a second run with nothing changed takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +31,7 @@ echo "[setup] installing torch, mmengine, mmdet and the test tools"
 "${PIP[@]}" install -q -r requirements/cpu.txt -r requirements/tests.txt
 
 if ! "$VENV/bin/python" -c 'import mmcv.ops' 2>/dev/null; then
-    echo "[setup] building mmcv 2.1.0 with ops (about 11 min the first" \
+    echo "[setup] building mmcv 2.1.0 with ops (about 22 min the first" \
         "time, then cached by pip)"
     # mmcv 2.1.0's setup.py builds with setuptools<70 (pkg_resources).
     "${PIP[@]}" install -q 'setuptools<70'
