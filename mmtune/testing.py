@@ -259,6 +259,8 @@ MMDET_BACKBONES = {
         type='CSPNeXt', deepen_factor=0.167, widen_factor=0.25, norm_eval=True
     ),
     'mobilenetv2': dict(type='MobileNetV2', norm_eval=True),
+    # Conv2dAdaptivePadding convs (mmtune/engine/mmcv_convs.py)
+    'efficientnet_b0': dict(type='EfficientNet', arch='b0', norm_eval=True),
 }
 
 
