@@ -12,6 +12,8 @@ Layers, each importing only the ones below it:
 - ``tools/``: command-line tools.
 """
 
+from importlib.util import find_spec as _find_spec
+
 from .precise_bn import update_bn_stats
 from .rewrite import (
     ConvBNReport,
@@ -21,7 +23,7 @@ from .rewrite import (
 )
 from .version import __version__, version_info
 
-if __import__('importlib.util').util.find_spec('mmengine') is not None:
+if _find_spec('mmengine') is not None:
     # mmtune's hooks, registered under their plain names too, and, when a
     # config's custom_imports imports mmtune, a word on unread keys
     from .engine.config import check_config_being_loaded

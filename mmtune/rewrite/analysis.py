@@ -45,8 +45,7 @@ MAX_PATHS_PER_FRAME = 64
 
 _FX_DIR = os.path.dirname(fx.__file__)
 _MODULE_FILE = nn.modules.module.__file__
-_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
-_is_fx_code: Dict[types.CodeType, bool] = {}
+CHECKPOINT_FILE = torch.utils.checkpoint.__file__
 
 
 class _Checkpoint:
@@ -69,13 +68,9 @@ Chain = Tuple[object, ...]
 
 
 def _fx_internal(code: types.CodeType) -> bool:
-    known = _is_fx_code.get(code)
-    if known is None:
-        known = code.co_filename.startswith(_FX_DIR) or (
-            code.co_filename == _MODULE_FILE
-        )
-        _is_fx_code[code] = known
-    return known
+    """Whether ``code`` is torch.fx's or ``nn.Module``'s own."""
+    name = code.co_filename
+    return name.startswith(_FX_DIR) or name == _MODULE_FILE
 
 
 def _caller_chain() -> Chain:
@@ -89,7 +84,7 @@ def _caller_chain() -> Chain:
         code = frame.f_code
         if (
             code is _checkpoint_inline.__code__
-            or code.co_filename == _CHECKPOINT_FILE
+            or code.co_filename == CHECKPOINT_FILE
         ):
             chain.append(CHECKPOINT)
             break

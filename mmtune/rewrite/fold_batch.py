@@ -84,15 +84,6 @@ def batch_allowed() -> bool:
     )
 
 
-def bn_uses_running_stats(bn: nn.Module) -> bool:
-    """Whether ``bn`` normalises with its running statistics right now."""
-    return (
-        not bn.training
-        and bn.running_mean is not None
-        and bn.running_var is not None
-    )
-
-
 def check_batch_arg(batch) -> None:
     """Raise a ValueError naming ``batch`` unless it is 'auto', True or
     False."""

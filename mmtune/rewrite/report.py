@@ -36,8 +36,9 @@ class ConvBNReport:
         already_on (int): How many of ``converted`` were already in tune mode
             before this call (they are not converted twice).
         seconds (float): Time the analysis and rewrite took.
-        runtimes (list): The run-time objects of the converted pairs in
-            tune mode, whose counters :meth:`fold_counts` reads.
+        runtimes (dict): The run-time object of each converted pair in
+            tune mode, by ``(conv_name, bn_name)``, whose counters
+            :meth:`fold_counts` reads.
     """
 
     mode: str = 'tune'
@@ -45,7 +46,9 @@ class ConvBNReport:
     skipped: List[SkipRecord] = field(default_factory=list)
     already_on: int = 0
     seconds: float = 0.0
-    runtimes: List[Any] = field(default_factory=list, repr=False)
+    runtimes: Dict[Tuple[str, str], Any] = field(
+        default_factory=dict, repr=False
+    )
 
     def __str__(self) -> str:
         title = {
@@ -71,17 +74,14 @@ class ConvBNReport:
     def fold_counts(self) -> Dict[Tuple[str, str], 'FoldCount']:
         """For each converted pair, how its calls went since turn-on (or
         :meth:`reset_counts`)."""
-        counts = {}
-        for runtime in self.runtimes:
-            folded, computed = runtime.counts()
-            counts[(runtime.conv_name, runtime.bn_name)] = FoldCount(
-                folded, computed
-            )
-        return counts
+        return {
+            pair: FoldCount(*runtime.counts())
+            for pair, runtime in self.runtimes.items()
+        }
 
     def reset_counts(self) -> None:
         """Start counting anew."""
-        for runtime in self.runtimes:
+        for runtime in self.runtimes.values():
             runtime.reset_counts()
 
     def never_folded(self) -> List[Tuple[str, str]]:

@@ -35,11 +35,17 @@ import types
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ..ops import conv_forward_with, fold_modules
-from .analysis import CHECKPOINT, Analysis, Chain, Pair, analyse
+from .analysis import (
+    CHECKPOINT,
+    CHECKPOINT_FILE,
+    Analysis,
+    Chain,
+    Pair,
+    analyse,
+)
 from .fold_batch import FoldBatch, _is_compiling, check_batch_arg
 from .guards import (
     bn_type_problem,
@@ -71,7 +77,6 @@ def _codes_within(*functions) -> frozenset:
 _CALL_IMPL_CODES = _codes_within(
     nn.Module._call_impl, getattr(nn.Module, '_wrapped_call_impl', None)
 )
-_CHECKPOINT_FILE = torch.utils.checkpoint.__file__
 
 #: Why a call computed as the modules do, for the counters.
 TRAIN_MODE = 'the BN is in train mode'
@@ -132,7 +137,7 @@ def chain_matches(frame, chains: Sequence[Chain]) -> bool:
             if code is CHECKPOINT:
                 if (
                     current is not None
-                    and current.f_code.co_filename == _CHECKPOINT_FILE
+                    and current.f_code.co_filename == CHECKPOINT_FILE
                 ):
                     return True
                 break
@@ -506,7 +511,9 @@ def turn_on_fast_conv_bn_eval(
         else:
             installed.append(runtime)
         report.converted.append((pair.conv_name, pair.bn_name))
-    report.runtimes = _runtimes(model, report.converted)
+        owner = tune_pair_of(pair.conv)
+        if owner is not None:
+            report.runtimes[(pair.conv_name, pair.bn_name)] = owner
     if installed:
         scope = ForwardScope(installed, fold_batch)
         model.register_forward_pre_hook(scope.enter)
@@ -515,26 +522,19 @@ def turn_on_fast_conv_bn_eval(
     return report
 
 
-def _runtimes(
-    model: nn.Module, converted: Sequence[Tuple[str, str]]
-) -> List[TunePair]:
-    modules = dict(model.named_modules(remove_duplicate=False))
-    found = []
-    for conv_name, _ in converted:
-        owner = getattr(instance_forward(modules[conv_name]), '__self__', None)
-        if isinstance(owner, TunePair):
-            found.append(owner)
-    return found
+def tune_pair_of(conv: nn.Module) -> Optional[TunePair]:
+    """The :class:`TunePair` whose conv is ``conv``, if it is in tune
+    mode."""
+    owner = getattr(instance_forward(conv), '__self__', None)
+    if isinstance(owner, TunePair) and owner.conv is conv:
+        return owner
+    return None
 
 
 def tune_pairs(model: nn.Module) -> List[TunePair]:
     """The :class:`TunePair` of every pair of ``model`` in tune mode."""
-    found = []
-    for module in model.modules():
-        owner = getattr(instance_forward(module), '__self__', None)
-        if isinstance(owner, TunePair) and owner.conv is module:
-            found.append(owner)
-    return found
+    found = (tune_pair_of(module) for module in model.modules())
+    return [owner for owner in found if owner is not None]
 
 
 def turn_off_fast_conv_bn_eval(model: nn.Module) -> int:
@@ -571,6 +571,7 @@ __all__ = [
     'turn_off_fast_conv_bn_eval',
     'resolve_roots',
     'tune_pairs',
+    'tune_pair_of',
     'fold_forward',
     'TunePair',
     'ForwardScope',
