@@ -2,6 +2,7 @@
 """The maths layer: torch only, no mmengine/mmcv/mmdet."""
 
 from .conv_bn import (
+    ConvBNFold,
     bn_inv_std,
     bn_scale,
     conv_forward_with,
@@ -9,6 +10,7 @@ from .conv_bn import (
     fold_conv_bn,
     fold_modules,
 )
+from .conv_folded import conv_forward_folded, observe_saved_tensors
 from .fold_group import FoldGroupPlan, fold_conv_bn_group
 
 __all__ = [
@@ -18,6 +20,9 @@ __all__ = [
     'fold_modules',
     'fold_bias',
     'conv_forward_with',
+    'ConvBNFold',
+    'conv_forward_folded',
+    'observe_saved_tensors',
     'FoldGroupPlan',
     'fold_conv_bn_group',
 ]

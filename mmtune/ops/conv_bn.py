@@ -11,7 +11,7 @@ the conv output ``z`` for the BN's backward. Done once under ``no_grad``
 ("deploy mode"), it removes the BN for inference.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,21 @@ def _scale_out_channels(
     return grouped.reshape(weight.shape)
 
 
+class ConvBNFold(NamedTuple):
+    """A Conv->BN pair folded: what the convolution computes with, and what
+    its folded weight was computed from (so that it can be computed again
+    instead of kept, see :func:`~mmtune.ops.conv_forward_folded`)."""
+
+    #: ``w * s`` per output channel, in the conv weight's dtype
+    weight: Tensor
+    #: ``beta + s * (b - mean)``, in the conv weight's dtype
+    bias: Tensor
+    #: ``w``, the weight the conv's forward reads
+    source: Tensor
+    #: ``s = gamma / sqrt(var + eps)``, one factor per output channel
+    scale: Tensor
+
+
 def fold_conv_bn(
     conv_weight: Tensor,
     conv_bias: Optional[Tensor],
@@ -88,23 +103,51 @@ def fold_conv_bn(
         tuple[Tensor, Tensor]: The folded weight and bias, in the conv
         weight's dtype.
     """
+    fold = _fold(
+        conv_weight,
+        conv_bias,
+        running_mean,
+        running_var,
+        bn_weight,
+        bn_bias,
+        eps,
+        transposed,
+        groups,
+        inv_std,
+    )
+    return fold.weight, fold.bias
+
+
+def _fold(
+    conv_weight,
+    conv_bias,
+    running_mean,
+    running_var,
+    bn_weight,
+    bn_bias,
+    eps,
+    transposed,
+    groups,
+    inv_std=None,
+) -> ConvBNFold:
     if inv_std is None:
         inv_std = bn_inv_std(running_var, eps)
     scale = bn_scale(inv_std, bn_weight)
     weight = _scale_out_channels(conv_weight, scale, transposed, groups)
     bias = fold_bias(conv_bias, running_mean, scale, bn_bias)
     dtype = conv_weight.dtype
-    return weight.to(dtype), bias.to(dtype)
+    return ConvBNFold(weight.to(dtype), bias.to(dtype), conv_weight, scale)
 
 
 def fold_modules(
     conv: nn.Module, bn: nn.Module, weight: Optional[Tensor] = None
-) -> Tuple[Tensor, Tensor]:
+) -> ConvBNFold:
     """:func:`fold_conv_bn` of a conv and a BN module, from the tensors
     their own forwards read now (attributes, so parametrized or
     hook-computed weights are the ones used); ``weight`` replaces
-    ``conv.weight`` when given (a weight the conv's forward computes)."""
-    return fold_conv_bn(
+    ``conv.weight`` when given (a weight the conv's forward computes).
+    Unpacks as ``weight, bias, source, scale``."""
+    return _fold(
         conv.weight if weight is None else weight,
         conv.bias,
         bn.running_mean,

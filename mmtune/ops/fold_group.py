@@ -170,7 +170,8 @@ def _fold(plan, weights, biases, gammas, betas, mean, inv_std):
 class _FoldGroup(torch.autograd.Function):
     """Inputs: plan, n, then n weights, n conv biases (or None), n gammas
     (or None), n betas (or None), then running means and inverse stds as
-    two flat vectors. Outputs: n folded weights and one flat folded bias."""
+    two flat vectors. Outputs: n folded weights, one flat folded bias and
+    the flat scale (not differentiable)."""
 
     @staticmethod
     def forward(ctx, plan, n, *tensors):
@@ -193,7 +194,8 @@ class _FoldGroup(torch.autograd.Function):
         ctx.versions = _versions(weights, gammas)
         ctx.save_for_backward(shift, inv_std)
         ctx.set_materialize_grads(False)
-        return (*outs, folded_b)
+        ctx.mark_non_differentiable(scale)
+        return (*outs, folded_b, scale)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -342,7 +344,7 @@ def fold_conv_bn_group(
     betas: Sequence[Optional[Tensor]],
     mean: Tensor,
     inv_std: Tensor,
-) -> Tuple[List[Tensor], Tensor]:
+) -> Tuple[List[Tensor], Tensor, Tensor]:
     """Fold a group of Conv->eval-BN pairs at once.
 
     Args:
@@ -356,10 +358,12 @@ def fold_conv_bn_group(
         inv_std (Tensor): All pairs' ``1 / sqrt(var + eps)``, concatenated.
 
     Returns:
-        tuple[list[Tensor], Tensor]: Each pair's folded weight (shaped as its
-        conv weight) and all folded biases as one vector, in
-        ``plan.out_dtype``. A pair whose folded weight gets no gradient gets
-        None for all its parameters, as in eval mode.
+        tuple[list[Tensor], Tensor, Tensor]: Each pair's folded weight
+        (shaped as its conv weight) and all folded biases as one vector, in
+        ``plan.out_dtype``, and all factors ``gamma / sqrt(var + eps)`` as
+        one vector (not differentiable: for recomputing a folded weight). A
+        pair whose folded weight gets no gradient gets None for all its
+        parameters, as in eval mode.
     """
     n = len(weights)
     for seq, what in (
@@ -374,4 +378,4 @@ def fold_conv_bn_group(
     outs = _FoldGroup.apply(
         plan, n, *weights, *biases, *gammas, *betas, mean, inv_std
     )
-    return list(outs[:n]), outs[n]
+    return list(outs[:n]), outs[n], outs[n + 1]

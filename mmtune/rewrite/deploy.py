@@ -56,7 +56,7 @@ def fuse_conv_bn(model: nn.Module, modules=None) -> ConvBNReport:
                 )
             )
             continue
-        weight, bias = fold_modules(conv, bn)
+        weight, bias, _, _ = fold_modules(conv, bn)
         conv.weight.copy_(weight)
         if conv.bias is None:
             conv.bias = nn.Parameter(

@@ -45,13 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..ops import (
-    FoldGroupPlan,
-    bn_inv_std,
-    bn_scale,
-    fold_bias,
-    fold_conv_bn_group,
-)
+from ..ops import ConvBNFold, FoldGroupPlan, fold_conv_bn_group
 
 
 def _private(module, name):
@@ -165,41 +159,20 @@ class _Folded:
     """The entries of one fold, by member index (weakly referenced by the
     groups' backward hooks).
 
-    An entry is a list ``[weight, weak, bias, stamp, inputs]`` (a list, not
-    an object: one is read at every call). The weight and bias are held
-    until the pair takes them; then the weight only weakly (``weak``): the
-    convolution keeps it for its backward and frees it there, as when
-    folding pair by pair. The bias is let go: the convolution does not keep
-    it, so the groups' bias vector is freed once every pair has run, as a
-    pair's own folded bias is. A pair called again in the same forward
-    finds its weight alive and folds only its bias again
-    (:func:`_refold_bias`).
+    An entry is a list ``[fold, stamp, inputs]`` (a list, not an object:
+    one is read at every call), ``fold`` a :class:`~mmtune.ops.ConvBNFold`.
+    The pair takes it once: the entry is dropped then, so that the folded
+    weight lives only as long as the pair's convolution holds it (through
+    its forward: :func:`~mmtune.ops.conv_forward_folded` keeps a recipe,
+    not the weight, for the backward) and the groups' bias vector is freed
+    once every pair has run. A pair called again in the same forward folds
+    alone.
     """
 
     __slots__ = ('entries', '__weakref__')
 
     def __init__(self):
         self.entries: Dict[int, list] = {}
-
-
-def _take_entry(entry: list) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
-    """The entry's weight and bias (None for a bias already taken), or
-    None if its weight is gone."""
-    weight = entry[0]
-    if weight is not None:
-        bias = entry[2]
-        entry[0], entry[1], entry[2] = None, weakref.ref(weight), None
-        return weight, bias
-    weight = entry[1]()
-    return None if weight is None else (weight, None)
-
-
-def _refold_bias(inputs: tuple, eps, dtype: torch.dtype) -> Tensor:
-    """A pair's folded bias alone, differentiable, by the operations of the
-    group's fold (so the same values)."""
-    _, bias, gamma, beta, mean, var = inputs
-    scale = bn_scale(bn_inv_std(var, eps), gamma)
-    return fold_bias(bias, mean, scale, beta).to(dtype)
 
 
 class FoldBatch:
@@ -263,9 +236,10 @@ class FoldBatch:
         self._folded = {}
         self._open = False
 
-    def take(self, index: int) -> Optional[Tuple[Tensor, Tensor]]:
-        """The folded weight and bias of member ``index``, or None when the
-        pair must fold on its own (see the module docstring).
+    def take(self, index: int) -> Optional[ConvBNFold]:
+        """The fold of member ``index``, or None when the pair must fold on
+        its own (see the module docstring; a pair takes its fold once per
+        call of the model).
 
         The caller has checked that the pair folds now (BN in eval mode
         with running statistics, no hooks, modules of the types it was
@@ -290,14 +264,10 @@ class FoldBatch:
         folded = self._folded.get(key)
         if folded is None:
             folded = self._fold(key)
-        entry = folded.entries.get(index)
-        if entry is None or entry[3] != _stamp(bn, cp, bp, bb):
+        entry = folded.entries.pop(index, None)
+        if entry is None or entry[1] != _stamp(bn, cp, bp, bb):
             return None
-        taken = _take_entry(entry)
-        if taken is not None and taken[1] is None:  # called again
-            bias = _refold_bias(entry[4], bn.eps, taken[0].dtype)
-            return taken[0], bias
-        return taken
+        return entry[0]
 
     def _fold(self, key: tuple) -> _Folded:
         device, amp_dtype, grad_enabled = key
@@ -374,18 +344,26 @@ class FoldBatch:
         with torch.no_grad():
             mean = torch.cat(means)
             inv_std = torch.cat(variances).add_(eps).rsqrt_()
-        weights, bias = fold_conv_bn_group(
+        folded_ws, bias, scale = fold_conv_bn_group(
             plan, weights, biases, gammas, betas, mean, inv_std
         )
         dicts = self._dicts
         entries = folded.entries
-        for i, w, b, inputs in zip(
-            indices, weights, bias.split(plan.channels), tensors
+        for i, w, b, factor, inputs in zip(
+            indices,
+            folded_ws,
+            bias.split(plan.channels),
+            scale.split(plan.channels),
+            tensors,
         ):
             _, bn, cp, bp, bb = dicts[i]
             # the inputs are held so that no other tensor can take their
             # storage: an equal data_ptr in the stamp means the same tensor
-            entries[i] = [w, None, b, _stamp(bn, cp, bp, bb), inputs]
+            entries[i] = [
+                ConvBNFold(w, b, inputs[0], factor),
+                _stamp(bn, cp, bp, bb),
+                inputs,
+            ]
         node = bias.grad_fn
         if node is not None:
             node.register_hook(_Expire(folded, indices))

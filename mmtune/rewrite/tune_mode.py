@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
 
-from ..ops import conv_forward_with, fold_modules
+from ..ops import conv_forward_folded, fold_modules
 from .analysis import (
     CHECKPOINT,
     CHECKPOINT_FILE,
@@ -188,8 +188,9 @@ def fold_forward(
             x = spec.input(conv, x)
         if spec.weight is not None:
             conv_weight = spec.weight(conv)
-    weight, bias = fold_modules(conv, bn, conv_weight)
-    return conv_forward_with(conv, x, weight, bias, output_size)
+    return conv_forward_folded(
+        conv, x, fold_modules(conv, bn, conv_weight), output_size
+    )
 
 
 class TunePair:
@@ -350,7 +351,7 @@ class TunePair:
         ):
             folded = self.batch.take(self.index)
             if folded is not None:
-                out = conv_forward_with(conv, x, *folded, output_size)
+                out = conv_forward_folded(conv, x, folded, output_size)
         if out is None:
             out = fold_forward(conv, self.bn, x, output_size)
         self.folded += 1

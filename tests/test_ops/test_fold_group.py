@@ -47,7 +47,7 @@ def _group(pairs, out_dtype=torch.float64):
     plan = FoldGroupPlan([p['weight'].shape for p in pairs], out_dtype)
     mean = torch.cat([p['mean'] for p in pairs])
     inv = torch.cat([bn_inv_std(p['var'], p['eps']) for p in pairs])
-    return fold_conv_bn_group(
+    weights, bias, _ = fold_conv_bn_group(
         plan,
         [p['weight'] for p in pairs],
         [p['bias'] for p in pairs],
@@ -56,6 +56,7 @@ def _group(pairs, out_dtype=torch.float64):
         mean,
         inv,
     )
+    return weights, bias
 
 
 def _single(pairs):

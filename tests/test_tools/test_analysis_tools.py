@@ -139,8 +139,8 @@ def test_check_fails_on_a_wrong_fold(check_tool, monkeypatch, capsys):
     fold = tune_mode.fold_modules
 
     def wrong_fold(*args, **kwargs):
-        weight, bias = fold(*args, **kwargs)
-        return weight, bias + 1e-3
+        folded = fold(*args, **kwargs)
+        return folded._replace(bias=folded.bias + 1e-3)
 
     monkeypatch.setattr(tune_mode, 'fold_modules', wrong_fold)
     status = check_tool.main([CLS, '--batch-size', '2', *SMALL_CLS])

@@ -61,6 +61,7 @@ from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import MODELS, init_default_scope
 
 from mmtune import fuse_conv_bn, turn_on_fast_conv_bn_eval
+from mmtune.ops import observe_saved_tensors
 from mmtune.testing import randomize_bn
 
 MODES = (
@@ -515,7 +516,7 @@ def measure_saved_tensors(run: ModeRun) -> None:
     }
     saved: Dict[Tuple[int, str], int] = {}
 
-    def pack(t):
+    def note(t):
         try:
             storage = t.untyped_storage()
             ptr = storage.data_ptr()
@@ -523,10 +524,11 @@ def measure_saved_tensors(run: ModeRun) -> None:
                 saved[(ptr, str(t.device))] = storage.nbytes()
         except (RuntimeError, NotImplementedError):
             pass  # tensors without storage (e.g. sparse, fake)
-        return t
 
+    # an observer, not hooks of our own: tune mode keeps its recipes for
+    # folded weights under it, as it does in training
     with run.optim_wrapper.optim_context(model):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with observe_saved_tensors(note):
             data = model.data_preprocessor(run.data, True)
             losses = model._run_forward(data, mode='loss')
     del losses, data
