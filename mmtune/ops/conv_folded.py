@@ -128,11 +128,16 @@ class _Refold:
                 f', is at version {source._version}; expected version '
                 f'{self.version} instead.'
             )
-        with torch.no_grad():
-            weight = _scale_out_channels(
-                source, self.scale, self.transposed, self.groups
-            )
-            return weight.to(self.dtype)
+        if torch.is_grad_enabled():  # create_graph=True
+            with torch.no_grad():
+                return self._product()
+        return self._product()
+
+    def _product(self) -> Tensor:
+        weight = _scale_out_channels(
+            self.source, self.scale, self.transposed, self.groups
+        )
+        return weight.to(self.dtype)
 
 
 def _unpack(packed):

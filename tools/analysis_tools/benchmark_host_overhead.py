@@ -19,18 +19,31 @@ median step time per mode, modes interleaved:
 - ``fold-floor``: every pair folded once (deploy mode) and the folded
   convs trained: no per-step folding at all, the floor of any tune mode.
 
-Prints a markdown table with the ratios to eval mode. See
+With ``--breakdown``, two variants of ``tune`` that each leave one
+component out, to tell what it costs (not for training: they skip what
+keeps tune mode exact or lean):
+
+- ``tune-unchecked``: the per-call checks (:meth:`TunePair.refusal`:
+  modes, types, hooks, the call chain) skipped;
+- ``tune-kept``: the folded weights kept for the backward, as before the
+  recompute (:mod:`mmtune.ops.conv_folded`).
+
+Prints a markdown table with forward, backward and step times and the
+ratios to eval mode, and the differences per converted pair. See
 docs/benchmark.md, "Where the time goes".
 """
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
 MODES = ('eval', 'tune', 'tune-alone', 'fold-floor')
+BREAKDOWN = ('tune-unchecked', 'tune-kept')
 
 
 def build(mode: str, width: int, device: str) -> torch.nn.Module:
@@ -53,7 +66,7 @@ def build(mode: str, width: int, device: str) -> torch.nn.Module:
             module.running_mean.uniform_(-1, 1)
             module.running_var.uniform_(0.5, 2)
     model.to(device).train()
-    if mode == 'tune':
+    if mode == 'tune' or mode in BREAKDOWN:
         turn_on_fast_conv_bn_eval(model, batch=True)
     elif mode == 'tune-alone':
         turn_on_fast_conv_bn_eval(model, batch=False)
@@ -63,46 +76,124 @@ def build(mode: str, width: int, device: str) -> torch.nn.Module:
     return model
 
 
-def step(model: torch.nn.Module, x: torch.Tensor) -> None:
-    loss = sum(out.sum() for out in model(x))
-    loss.backward()
-    for p in model.parameters():
-        p.grad = None
+def _variant(mode: str):
+    """The patch that makes ``tune`` the variant ``mode`` (for its steps
+    only: modes run interleaved in one process)."""
+    from mmtune.ops import conv_folded
+    from mmtune.rewrite.tune_mode import TunePair
+
+    if mode == 'tune-unchecked':
+        return mock.patch.object(TunePair, 'refusal', lambda self: None)
+    if mode == 'tune-kept':
+        return mock.patch.object(
+            conv_folded, '_refold_hooks_allowed', lambda top: False
+        )
+    return contextlib.nullcontext()
+
+
+def _sync(x: torch.Tensor) -> None:
     if x.is_cuda:
         torch.cuda.synchronize()
 
 
-def measure(width: int, steps: int, device: str, warmup: int = 10) -> dict:
-    """Median step time (ms) of each mode."""
+def step(model: torch.nn.Module, x: torch.Tensor) -> tuple:
+    """One forward and backward; (forward, backward) seconds."""
+    start = time.perf_counter()
+    loss = sum(out.sum() for out in model(x))
+    _sync(x)
+    middle = time.perf_counter()
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    _sync(x)
+    return middle - start, time.perf_counter() - middle
+
+
+def measure(
+    width: int, steps: int, device: str, modes=MODES, warmup: int = 10
+) -> dict:
+    """Median forward, backward and step time (ms) of each mode."""
     x = torch.randn(2, 3, 32, 32, device=device)
-    models = {mode: build(mode, width, device) for mode in MODES}
-    for model in models.values():
-        for _ in range(warmup):
-            step(model, x)
-    times = {mode: [] for mode in MODES}
+    models = {mode: build(mode, width, device) for mode in modes}
+    for mode, model in models.items():
+        with _variant(mode):
+            for _ in range(warmup):
+                step(model, x)
+    times = {mode: [] for mode in modes}
     for _ in range(steps):
         for mode, model in models.items():
-            start = time.perf_counter()
-            step(model, x)
-            times[mode].append(time.perf_counter() - start)
-    return {mode: statistics.median(t) * 1e3 for mode, t in times.items()}
+            with _variant(mode):
+                times[mode].append(step(model, x))
+    return {
+        mode: tuple(
+            statistics.median(values) * 1e3
+            for values in (
+                [f for f, _ in t],
+                [b for _, b in t],
+                [f + b for f, b in t],
+            )
+        )
+        for mode, t in times.items()
+    }
 
 
-def markdown(medians: dict) -> str:
-    base = medians['eval']
+def markdown(medians: dict, pairs: int = 0) -> str:
+    base = medians['eval'][2]
     lines = [
-        '| mode | median step (ms) | ratio to eval |',
-        '| --- | ---: | ---: |',
+        '| mode | forward (ms) | backward (ms) | step (ms) | ratio to eval |',
+        '| --- | ---: | ---: | ---: | ---: |',
     ]
-    for mode, ms in medians.items():
-        lines.append(f'| {mode} | {ms:.3f} | {ms / base:.2f} |')
+    for mode, (fwd, bwd, total) in medians.items():
+        lines.append(
+            f'| {mode} | {fwd:.3f} | {bwd:.3f} | {total:.3f} | '
+            f'{total / base:.2f} |'
+        )
+    if pairs and 'tune' in medians:
+        lines += [
+            '',
+            f'Per converted pair ({pairs}), microseconds of step time:',
+            '',
+            '| difference | forward | backward | step |',
+            '| --- | ---: | ---: | ---: |',
+        ]
+        for label, a, b in (
+            ('tune - fold-floor', 'tune', 'fold-floor'),
+            (
+                'run-time checks (tune - tune-unchecked)',
+                'tune',
+                'tune-unchecked',
+            ),
+            (
+                'recomputing folded weights (tune - tune-kept)',
+                'tune',
+                'tune-kept',
+            ),
+            ('folding pair by pair (tune-alone - tune)', 'tune-alone', 'tune'),
+        ):
+            if a in medians and b in medians:
+                cells = [
+                    f'{(medians[a][k] - medians[b][k]) * 1e3 / pairs:.1f}'
+                    for k in range(3)
+                ]
+                lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
+
+
+def _pairs(width: int) -> int:
+    from mmtune.rewrite.tune_mode import tune_pairs
+
+    return len(tune_pairs(build('tune', width, 'cpu')))
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--width', type=int, default=2)
     parser.add_argument('--steps', type=int, default=200)
+    parser.add_argument(
+        '--breakdown',
+        action='store_true',
+        help='also the variants of tune mode that leave one component out',
+    )
     parser.add_argument(
         '--device', default='cuda' if torch.cuda.is_available() else 'cpu'
     )
@@ -117,12 +208,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    medians = measure(args.width, args.steps, args.device)
+    modes = MODES + (BREAKDOWN if args.breakdown else ())
+    medians = measure(args.width, args.steps, args.device, modes)
     print(
         f'ResNet-50 backbone, width {args.width}, batch 2x3x32x32, '
         f'{args.steps} steps per mode on {args.device}'
     )
-    print(markdown(medians))
+    print(markdown(medians, pairs=_pairs(args.width)))
     return 0
 
 
