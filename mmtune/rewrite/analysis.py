@@ -10,8 +10,17 @@ traced as free inputs) and in both training modes, and
 ``torch.utils.checkpoint`` is looked through. A pair is accepted only when,
 on every one of those paths, the conv output goes to the BN and nowhere
 else, the BN gets nothing else, and neither module is called from any other
-place. A frame that cannot be traced loses only the pairs it calls directly;
-its children are frames of their own.
+place. For a frame that cannot be traced, the pairs that its forward's
+source proves are taken (:mod:`.source_pairs`: ``self.bn(self.conv(x))``
+and ``x = self.conv(x); x = self.bn(x)``, each module named nowhere else);
+it loses only the other pairs it calls directly; its children are frames of
+their own.
+
+:func:`analyse` runs in three steps: list the frames below the roots;
+trace each (or let its frame handler, e.g. for mmcv's ``ConvModule``, say
+which pair it computes), noting on every path who calls each module, what
+each conv output feeds and a :class:`Verdict` for each BN; then decide each
+BN once from all paths: a :class:`Pair`, or a skip record with the reason.
 
 For every module call it traces, the analysis also records the call chain:
 the code objects from the function that called the module up to the
@@ -22,12 +31,24 @@ where the trace looked.
 """
 
 import contextlib
+import enum
 import os
 import sys
 import types
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
+from typing import (
+    Dict,
+    FrozenSet,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 
 import torch
 import torch.fx as fx
@@ -37,8 +58,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from .guards import instance_forward, is_mmtune_forward, pair_problem
-from .handlers import get_frame_handler
+from .handlers import FrameHandler, HandledFrame, get_frame_handler
 from .report import SkipRecord
+from .source_pairs import SourcePairs, find_source_pairs
 
 #: At most this many traced paths per frame and training mode.
 MAX_PATHS_PER_FRAME = 64
@@ -197,7 +219,7 @@ class Pair:
     frame_name: str
     frame: nn.Module
     #: Set for pairs a frame handler (e.g. mmcv ConvModule) takes over.
-    handler: Optional[object] = None
+    handler: Optional[FrameHandler] = None
     #: The call chains through which the traced frame called the conv
     #: (empty for handled pairs: their handler arms each call).
     chains: FrozenSet[Chain] = frozenset()
@@ -211,114 +233,95 @@ class Analysis:
     skipped: List[SkipRecord] = field(default_factory=list)
 
 
+class VerdictKind(enum.Enum):
+    """What one traced path says about a BN."""
+
+    #: Its input is the output of one conv, which nothing else uses.
+    PAIR = 'pair'
+    #: It cannot fold on this path.
+    SKIP = 'skip'
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one traced path says about one BN: it pairs with the conv
+    ``conv_name`` (:attr:`VerdictKind.PAIR`) or it cannot fold, for
+    ``reason`` (:attr:`VerdictKind.SKIP`)."""
+
+    kind: VerdictKind
+    conv_name: Optional[str] = None
+    reason: Optional[str] = None
+
+    @classmethod
+    def pair(cls, conv_name: str) -> 'Verdict':
+        return cls(VerdictKind.PAIR, conv_name=conv_name)
+
+    @classmethod
+    def skip(cls, reason: str) -> 'Verdict':
+        return cls(VerdictKind.SKIP, reason=reason)
+
+
+class _Handled(NamedTuple):
+    """A frame that a frame handler takes over, and what it found."""
+
+    frame: nn.Module
+    handler: FrameHandler
+    found: HandledFrame
+
+
 def _join(prefix: str, name: str) -> str:
     return f'{prefix}.{name}' if prefix else name
 
 
-class _Collector:
-    """Gathers call sites and per-path verdicts over all frames."""
+def resolve_roots(
+    model: nn.Module, modules: Union[None, str, Sequence[str]]
+) -> List[str]:
+    """The qualified names of the submodules of ``model`` that ``modules``
+    names (``['']``: the whole model), without names inside another.
 
-    def __init__(self):
-        # id(module) -> frames that call it (by identity: a module shared
-        # between two parents has two qualified names)
-        self.call_sites: Dict[int, Set[str]] = defaultdict(set)
-        # bn qualname -> verdicts: ('pair', conv_name) or ('no', reason)
-        self.bn_verdicts: Dict[str, List[Tuple[str, str]]] = defaultdict(list)
-        # conv qualname -> bn names it fed on each path (None: something
-        # else)
-        self.conv_users: Dict[str, List[Optional[str]]] = defaultdict(list)
-        self.bn_frame: Dict[str, str] = {}
-
-    def scan(self, graph: fx.Graph, frame: nn.Module, frame_name: str):
-        calls: Dict[str, int] = defaultdict(int)
-        for node in graph.nodes:
-            if node.op == 'call_module':
-                calls[node.target] += 1
-        for target in calls:
-            self.call_sites[id(frame.get_submodule(target))].add(frame_name)
-        for node in graph.nodes:
-            if node.op != 'call_module':
-                continue
-            module = frame.get_submodule(node.target)
-            name = _join(frame_name, node.target)
-            if isinstance(module, _ConvNd):
-                bn_users = [
-                    user
-                    for user in node.users
-                    if user.op == 'call_module'
-                    and isinstance(
-                        frame.get_submodule(user.target), _BatchNorm
-                    )
-                ]
-                if len(node.users) == 1 and len(bn_users) == 1:
-                    self.conv_users[name].append(
-                        _join(frame_name, bn_users[0].target)
-                    )
-                else:
-                    self.conv_users[name].append(None)
-            if not isinstance(module, _BatchNorm):
-                continue
-            self.bn_frame[name] = frame_name
-            self.bn_verdicts[name].append(
-                self._verdict(node, frame, frame_name, calls)
-            )
-
-    @staticmethod
-    def _verdict(
-        node: fx.Node, frame: nn.Module, frame_name: str, calls: Dict[str, int]
-    ) -> Tuple[str, str]:
-        if calls[node.target] > 1:
-            return ('no', 'the BN is applied more than once')
-        inputs = list(node.args) + [
-            node.kwargs[k] for k in node.kwargs if k == 'input'
-        ]
-        if len(inputs) != 1 or set(node.kwargs) - {'input'}:
-            return ('no', 'the BN is called with arguments besides its input')
-        src = inputs[0]
-        if not isinstance(src, fx.Node) or src.op != 'call_module':
-            return ('no', 'the BN input is not a conv output')
-        conv = frame.get_submodule(src.target)
-        if not isinstance(conv, _ConvNd):
-            return (
-                'no',
-                'the BN input is not a conv output '
-                f'(it comes from {type(conv).__name__})',
-            )
-        conv_name = _join(frame_name, src.target)
-        if len(src.users) != 1:
-            return (
-                'no',
-                f'the output of conv {conv_name} is used by '
-                f'{len(src.users)} consumers',
-            )
-        if calls[src.target] > 1:
-            return ('no', f'conv {conv_name} is called at several places')
-        return ('pair', conv_name)
-
-    def add_handled(
-        self, frame: nn.Module, frame_name: str, callees: Sequence[str]
+    Raises:
+        TypeError: ``modules`` is not None, a name or a list of names.
+        ValueError: a name is not a submodule of ``model``.
+    """
+    if modules is None:
+        return ['']
+    if isinstance(modules, str):
+        modules = [modules]
+    if not isinstance(modules, (list, tuple)) or not all(
+        isinstance(m, str) for m in modules
     ):
-        for callee in callees:
-            module = frame.get_submodule(callee)
-            self.call_sites[id(module)].add(frame_name)
+        raise TypeError(
+            'modules must be None, a module name or a list of '
+            f'module names, got {modules!r}'
+        )
+    names = dict(model.named_modules())
+    unknown = [m for m in modules if m not in names]
+    if unknown:
+        valid = [name for name, _ in model.named_children()]
+        raise ValueError(
+            f'unknown module name(s) {unknown} for '
+            f'{type(model).__name__}; valid top-level names are {valid}'
+        )
+    # Drop names inside another requested name: their frames are covered.
+    roots = []
+    for name in sorted(set(modules), key=len):
+        if not any(
+            name == r or name.startswith(r + '.') or r == '' for r in roots
+        ):
+            roots.append(name)
+    return roots
 
 
-def _frames(root: nn.Module, prefix: str):
-    """``(name, module)`` for every module of ``root`` that calls
-    submodules and has a BatchNorm below it."""
-    for name, module in root.named_modules(prefix=prefix):
-        if not any(True for _ in module.children()):
-            continue
-        if not any(isinstance(m, _BatchNorm) for m in module.modules()):
-            continue
-        if type(module).forward is nn.Module.forward:
-            continue  # containers such as ModuleList have no forward
-        yield name, module
+def find_pairs(
+    model: nn.Module, modules: Union[None, str, Sequence[str]] = None
+) -> Analysis:
+    """Find the pairs below the submodules of ``model`` that ``modules``
+    names (:func:`resolve_roots`; None: the whole model).
 
-
-def _set_training(model: nn.Module, flags: Dict[nn.Module, bool]):
-    for module, flag in flags.items():
-        module.training = flag
+    Raises:
+        TypeError, ValueError: as :func:`resolve_roots`.
+    """
+    return analyse(model, resolve_roots(model, modules))
 
 
 def analyse(model: nn.Module, roots: Sequence[str]) -> Analysis:
@@ -327,177 +330,380 @@ def analyse(model: nn.Module, roots: Sequence[str]) -> Analysis:
     Args:
         model (nn.Module): The model.
         roots (Sequence[str]): Qualified names of the submodules to cover
-            (``''`` is the whole model).
+            (``''`` is the whole model), as :func:`resolve_roots` gives.
 
     Returns:
         Analysis: pairs found and what was skipped.
     """
-    result = Analysis()
-    collector = _Collector()
-    failed_frames: Dict[str, str] = {}
-    frame_of: Dict[str, nn.Module] = {}
-    # frame name -> submodule target -> call chains
-    frame_chains: Dict[str, Dict[str, Set[Chain]]] = {}
-    handled: Dict[str, Tuple[nn.Module, object, object]] = {}
-    flags = {m: m.training for m in model.modules()}
-    frames = []
-    seen_frames = set()
+    traces = _trace_frames(model, _frames(model, roots))
+    # Each BN is decided once: those of handled frames first, then those
+    # that traced frames call, then the ones that no traced frame calls.
+    decide = _Decisions(model, traces)
+    for frame_name, handled in traces.handled.items():
+        decide.handled_frame(frame_name, handled)
+    for bn_name, verdicts in traces.bn_verdicts.items():
+        decide.traced_bn(bn_name, verdicts)
+    for name, module in _modules_below(model, roots):
+        if isinstance(module, _BatchNorm):
+            decide.untraced_bn(name)
+    return decide.analysis
+
+
+def _modules_below(
+    model: nn.Module, roots: Sequence[str]
+) -> Iterator[Tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of the roots and of every module in
+    them."""
     for root_name in roots:
         root = model.get_submodule(root_name) if root_name else model
-        for name, frame in _frames(root, root_name):
-            if id(frame) not in seen_frames:
-                seen_frames.add(id(frame))
-                frames.append((name, frame))
+        yield from root.named_modules(prefix=root_name)
+
+
+def _frames(
+    model: nn.Module, roots: Sequence[str]
+) -> List[Tuple[str, nn.Module]]:
+    """``(name, module)`` for every module below ``roots`` that calls
+    submodules and has a BatchNorm below it, each module once."""
+    frames = []
+    seen: Set[int] = set()
+    for name, module in _modules_below(model, roots):
+        if id(module) in seen or not _is_frame(module):
+            continue
+        seen.add(id(module))
+        frames.append((name, module))
+    return frames
+
+
+def _is_frame(module: nn.Module) -> bool:
+    if not any(True for _ in module.children()):
+        return False
+    if not any(isinstance(m, _BatchNorm) for m in module.modules()):
+        return False
+    # containers such as ModuleList have no forward
+    return type(module).forward is not nn.Module.forward
+
+
+class _Traces:
+    """What the frames showed, over all their paths: who calls each
+    module, and each BN's verdict on each path."""
+
+    def __init__(self):
+        # id(module) -> frames that call it (by identity: a module shared
+        # between two parents has two qualified names)
+        self.call_sites: Dict[int, Set[str]] = defaultdict(set)
+        # bn qualname -> its verdict on each path
+        self.bn_verdicts: Dict[str, List[Verdict]] = defaultdict(list)
+        # conv qualname -> the BN it fed on each path (None: something
+        # else)
+        self.conv_users: Dict[str, List[Optional[str]]] = defaultdict(list)
+        # bn qualname -> the frame that calls it
+        self.bn_frame: Dict[str, str] = {}
+        # traced frame name -> the frame
+        self.frames: Dict[str, nn.Module] = {}
+        # traced frame name -> submodule target -> call chains
+        self.chains: Dict[str, Dict[str, Set[Chain]]] = {}
+        # frames that a frame handler takes over, by name
+        self.handled: Dict[str, _Handled] = {}
+        # frame name -> why it could not be traced
+        self.failed: Dict[str, str] = {}
+
+    def add_handled(self, frame_name: str, handled: _Handled) -> None:
+        for callee in handled.found.callees:
+            module = handled.frame.get_submodule(callee)
+            self.call_sites[id(module)].add(frame_name)
+        self.handled[frame_name] = handled
+
+    def add_traced(
+        self,
+        frame_name: str,
+        frame: nn.Module,
+        graphs: List[fx.Graph],
+        chains: Dict[str, Set[Chain]],
+    ) -> None:
+        for graph in graphs:
+            self._scan(graph, frame, frame_name)
+        self.frames[frame_name] = frame
+        self.chains[frame_name] = chains
+
+    def add_from_source(
+        self, frame_name: str, frame: nn.Module, found: SourcePairs
+    ) -> None:
+        """The pairs that the source of an untraceable frame proves
+        (:mod:`.source_pairs`): called at one place, through the forward's
+        own code."""
+        for callee in found.callees:
+            self.call_sites[id(frame._modules[callee])].add(frame_name)
+        chains = self.chains.setdefault(frame_name, {})
+        for conv, bn in found.pairs:
+            conv_name, bn_name = _join(frame_name, conv), _join(frame_name, bn)
+            self.bn_verdicts[bn_name].append(Verdict.pair(conv_name))
+            self.conv_users[conv_name].append(bn_name)
+            self.bn_frame[bn_name] = frame_name
+            chains[conv] = {(found.code,)}
+        self.frames[frame_name] = frame
+
+    def _scan(self, graph: fx.Graph, frame: nn.Module, frame_name: str):
+        calls = Counter(
+            node.target for node in graph.nodes if node.op == 'call_module'
+        )
+        for target in calls:
+            self.call_sites[id(frame.get_submodule(target))].add(frame_name)
+        for node in graph.nodes:
+            if node.op != 'call_module':
+                continue
+            module = frame.get_submodule(node.target)
+            name = _join(frame_name, node.target)
+            if isinstance(module, _ConvNd):
+                self.conv_users[name].append(
+                    _bn_fed_by(node, frame, frame_name)
+                )
+            if isinstance(module, _BatchNorm):
+                self.bn_frame[name] = frame_name
+                self.bn_verdicts[name].append(
+                    _bn_verdict(node, frame, frame_name, calls)
+                )
+
+
+def _trace_frames(
+    model: nn.Module, frames: Sequence[Tuple[str, nn.Module]]
+) -> _Traces:
+    """Trace each frame, or let its frame handler find its pair; the
+    model's training flags are restored afterwards."""
+    traces = _Traces()
+    flags = {m: m.training for m in model.modules()}
     try:
         with _look_through_checkpoint():
             for name, frame in frames:
-                handler = get_frame_handler(frame)
-                if handler is not None:
-                    found = handler.find_pair(frame)
-                    collector.add_handled(frame, name, found.callees)
-                    handled[name] = (frame, handler, found)
-                    continue
-                fn = instance_forward(frame)
-                if fn is not None and not is_mmtune_forward(fn):
-                    failed_frames[name] = (
-                        'it has a forward wrapper installed on the instance'
-                    )
-                    continue
-                graphs = []
-                chains: Dict[str, Set[Chain]] = defaultdict(set)
-                try:
-                    for mode in (True, False):
-                        model.train(mode)
-                        graphs.extend(_trace_all_paths(frame, chains))
-                except _TooManyPaths:
-                    failed_frames[name] = (
-                        'its forward has more than '
-                        f'{MAX_PATHS_PER_FRAME} data-dependent branches'
-                    )
-                    continue
-                except Exception as exc:  # noqa: BLE001 (any trace failure)
-                    failed_frames[name] = (
-                        f'its forward could not be traced ({_first_line(exc)})'
-                    )
-                    continue
-                for graph in graphs:
-                    collector.scan(graph, frame, name)
-                frame_of[name] = frame
-                frame_chains[name] = chains
+                _trace_frame(model, name, frame, traces)
     finally:
         _set_training(model, flags)
+    return traces
 
-    # Decide each BN's pair from all paths of all frames.
-    modules = dict(model.named_modules(remove_duplicate=False))
-    decided: Set[str] = set()
-    for frame_name, (frame, handler, found) in handled.items():
-        names = [_join(frame_name, n) for n in found.callees]
+
+def _trace_frame(
+    model: nn.Module, name: str, frame: nn.Module, traces: _Traces
+) -> None:
+    """Add to ``traces`` what ``frame`` shows on every path, in both
+    training modes (or what its handler found, or why it failed)."""
+    handler = get_frame_handler(frame)
+    if handler is not None:
+        found = handler.find_pair(frame)
+        traces.add_handled(name, _Handled(frame, handler, found))
+        return
+    fn = instance_forward(frame)
+    if fn is not None and not is_mmtune_forward(fn):
+        traces.failed[name] = (
+            'it has a forward wrapper installed on the instance'
+        )
+        return
+    graphs: List[fx.Graph] = []
+    chains: Dict[str, Set[Chain]] = defaultdict(set)
+    try:
+        for mode in (True, False):
+            model.train(mode)
+            graphs.extend(_trace_all_paths(frame, chains))
+    except _TooManyPaths:
+        traces.failed[name] = (
+            'its forward has more than '
+            f'{MAX_PATHS_PER_FRAME} data-dependent branches'
+        )
+        return
+    except Exception as exc:  # noqa: BLE001 (any trace failure)
+        why = f'its forward could not be traced ({_first_line(exc)})'
+        found = find_source_pairs(frame)
+        if found is None:
+            why += ' and its source uses dynamic access or cannot be read'
+        elif found.pairs:
+            traces.add_from_source(name, frame, found)
+            why += ', and its source does not prove the pair'
+        traces.failed[name] = why
+        return
+    traces.add_traced(name, frame, graphs, chains)
+
+
+def _set_training(model: nn.Module, flags: Dict[nn.Module, bool]):
+    for module, flag in flags.items():
+        module.training = flag
+
+
+def _bn_fed_by(
+    node: fx.Node, frame: nn.Module, frame_name: str
+) -> Optional[str]:
+    """The BN to which the conv call ``node`` gives its output and to
+    nothing else, or None."""
+    bn_users = [
+        user
+        for user in node.users
+        if user.op == 'call_module'
+        and isinstance(frame.get_submodule(user.target), _BatchNorm)
+    ]
+    if len(node.users) == 1 and len(bn_users) == 1:
+        return _join(frame_name, bn_users[0].target)
+    return None
+
+
+def _bn_verdict(
+    node: fx.Node, frame: nn.Module, frame_name: str, calls: Dict[str, int]
+) -> Verdict:
+    """What the BN call ``node`` says on this path: the conv whose output
+    it takes, alone, or why not (``calls``: how often this path calls each
+    submodule)."""
+    if calls[node.target] > 1:
+        return Verdict.skip('the BN is applied more than once')
+    inputs = list(node.args) + [
+        node.kwargs[k] for k in node.kwargs if k == 'input'
+    ]
+    if len(inputs) != 1 or set(node.kwargs) - {'input'}:
+        return Verdict.skip(
+            'the BN is called with arguments besides its input'
+        )
+    src = inputs[0]
+    if not isinstance(src, fx.Node) or src.op != 'call_module':
+        return Verdict.skip('the BN input is not a conv output')
+    conv = frame.get_submodule(src.target)
+    if not isinstance(conv, _ConvNd):
+        return Verdict.skip(
+            'the BN input is not a conv output '
+            f'(it comes from {type(conv).__name__})'
+        )
+    conv_name = _join(frame_name, src.target)
+    if len(src.users) != 1:
+        return Verdict.skip(
+            f'the output of conv {conv_name} is used by '
+            f'{len(src.users)} consumers'
+        )
+    if calls[src.target] > 1:
+        return Verdict.skip(f'conv {conv_name} is called at several places')
+    return Verdict.pair(conv_name)
+
+
+class _Decisions:
+    """Decides each BN once, from all that the frames showed: into a pair
+    or a skip record of :attr:`analysis`."""
+
+    def __init__(self, model: nn.Module, traces: _Traces):
+        self.traces = traces
+        self.modules = dict(model.named_modules(remove_duplicate=False))
+        self.decided: Set[str] = set()
+        self.analysis = Analysis()
+
+    def handled_frame(self, frame_name: str, handled: _Handled) -> None:
+        """The pair that a frame handler found, if it can fold."""
+        found = handled.found
         if found.pair is None:
+            names = [_join(frame_name, n) for n in found.callees]
             if found.reason is not None:
-                result.skipped.append(
-                    SkipRecord(tuple(names) or (frame_name,), found.reason)
-                )
-            decided.update(names)
-            continue
+                self._skip(tuple(names) or (frame_name,), found.reason)
+            self.decided.update(names)
+            return
         conv_name, bn_name = (_join(frame_name, n) for n in found.pair)
-        decided.update((conv_name, bn_name))
-        reason = _sites_problem(
-            collector, modules, conv_name, bn_name
-        ) or pair_problem(modules[conv_name], modules[bn_name])
-        if reason is None:
-            result.pairs.append(
-                Pair(
-                    conv_name,
-                    bn_name,
-                    modules[conv_name],
-                    modules[bn_name],
-                    frame_name,
-                    frame,
-                    handler,
-                )
+        self.decided.update((conv_name, bn_name))
+        reason = self._problem(conv_name, bn_name)
+        if reason is not None:
+            self._skip((conv_name, bn_name), reason)
+            return
+        self._accept(
+            conv_name,
+            bn_name,
+            frame_name,
+            handled.frame,
+            handler=handled.handler,
+        )
+
+    def traced_bn(self, bn_name: str, verdicts: Sequence[Verdict]) -> None:
+        """A BN that traced frames called: a pair if every path pairs it
+        with the same conv, whose output goes only to it."""
+        if bn_name in self.decided:
+            return
+        self.decided.add(bn_name)
+        for verdict in verdicts:
+            if verdict.kind is VerdictKind.SKIP:
+                self._skip((bn_name,), verdict.reason)
+                return
+        convs = {verdict.conv_name for verdict in verdicts}
+        if len(convs) != 1:
+            self._skip(
+                (bn_name,),
+                'the BN input comes from different convs on different paths',
+            )
+            return
+        conv_name = convs.pop()
+        self.decided.add(conv_name)
+        users = self.traces.conv_users[conv_name]
+        if any(user != bn_name for user in users):
+            self._skip(
+                (conv_name, bn_name),
+                'on some path the conv output is not used only by the BN',
+            )
+            return
+        reason = self._problem(conv_name, bn_name)
+        if reason is not None:
+            self._skip((conv_name, bn_name), reason)
+            return
+        frame_name = self.traces.bn_frame[bn_name]
+        local = conv_name[len(frame_name) + 1 :] if frame_name else conv_name
+        self._accept(
+            conv_name,
+            bn_name,
+            frame_name,
+            self.traces.frames[frame_name],
+            chains=frozenset(self.traces.chains[frame_name][local]),
+        )
+
+    def untraced_bn(self, name: str) -> None:
+        """A BN that no traced frame called, with the reason."""
+        if name in self.decided:
+            return
+        self.decided.add(name)
+        failed = self.traces.failed
+        owner = _nearest_failed(name, failed)
+        if owner is not None:
+            reason = (
+                f'it is called by {owner or "the model"}, where '
+                f'{failed[owner]}'
             )
         else:
-            result.skipped.append(SkipRecord((conv_name, bn_name), reason))
+            reason = 'no traced forward calls the BN'
+        self._skip((name,), reason)
 
-    for bn_name, verdicts in collector.bn_verdicts.items():
-        if bn_name in decided:
-            continue
-        decided.add(bn_name)
-        reasons = [why for kind, why in verdicts if kind == 'no']
-        convs = {why for kind, why in verdicts if kind == 'pair'}
-        if reasons:
-            result.skipped.append(SkipRecord((bn_name,), reasons[0]))
-            continue
-        if len(convs) != 1:
-            result.skipped.append(
-                SkipRecord(
-                    (bn_name,),
-                    'the BN input comes from different convs on '
-                    'different paths',
-                )
-            )
-            continue
-        conv_name = convs.pop()
-        decided.add(conv_name)
-        if any(user != bn_name for user in collector.conv_users[conv_name]):
-            result.skipped.append(
-                SkipRecord(
-                    (conv_name, bn_name),
-                    'on some path the conv output is not used only by the BN',
-                )
-            )
-            continue
-        reason = _sites_problem(collector, modules, conv_name, bn_name)
-        frame_name = collector.bn_frame[bn_name]
-        if reason is None:
-            reason = pair_problem(modules[conv_name], modules[bn_name])
-        if reason is not None:
-            result.skipped.append(SkipRecord((conv_name, bn_name), reason))
-            continue
-        local = conv_name[len(frame_name) + 1 :] if frame_name else conv_name
-        result.pairs.append(
+    def _problem(self, conv_name: str, bn_name: str) -> Optional[str]:
+        """Why a pair that the frames agree on still cannot fold."""
+        return self._sites_problem(conv_name, bn_name) or pair_problem(
+            self.modules[conv_name], self.modules[bn_name]
+        )
+
+    def _sites_problem(self, conv_name: str, bn_name: str) -> Optional[str]:
+        for name in (conv_name, bn_name):
+            sites = self.traces.call_sites.get(id(self.modules[name]), set())
+            if len(sites) > 1:
+                where = ', '.join(sorted(s or '<model>' for s in sites))
+                return f'{name} is called from several places ({where})'
+        return None
+
+    def _accept(
+        self,
+        conv_name: str,
+        bn_name: str,
+        frame_name: str,
+        frame: nn.Module,
+        handler: Optional[FrameHandler] = None,
+        chains: FrozenSet[Chain] = frozenset(),
+    ) -> None:
+        self.analysis.pairs.append(
             Pair(
                 conv_name,
                 bn_name,
-                modules[conv_name],
-                modules[bn_name],
+                self.modules[conv_name],
+                self.modules[bn_name],
                 frame_name,
-                frame_of[frame_name],
-                chains=frozenset(frame_chains[frame_name][local]),
+                frame,
+                handler,
+                chains,
             )
         )
 
-    # BNs that no traced frame called.
-    for root_name in roots:
-        root = model.get_submodule(root_name) if root_name else model
-        for name, module in root.named_modules(prefix=root_name):
-            if not isinstance(module, _BatchNorm) or name in decided:
-                continue
-            decided.add(name)
-            owner = _nearest_failed(name, failed_frames)
-            if owner is not None:
-                reason = (
-                    f'it is called by {owner or "the model"}, where '
-                    f'{failed_frames[owner]}'
-                )
-            else:
-                reason = 'no traced forward calls the BN'
-            result.skipped.append(SkipRecord((name,), reason))
-    return result
-
-
-def _sites_problem(
-    collector: _Collector,
-    modules: Dict[str, nn.Module],
-    conv_name: str,
-    bn_name: str,
-) -> Optional[str]:
-    for name in (conv_name, bn_name):
-        sites = collector.call_sites.get(id(modules[name]), set())
-        if len(sites) > 1:
-            where = ', '.join(sorted(s or '<model>' for s in sites))
-            return f'{name} is called from several places ({where})'
-    return None
+    def _skip(self, modules: Tuple[str, ...], reason: str) -> None:
+        self.analysis.skipped.append(SkipRecord(modules, reason))
 
 
 def _nearest_failed(name: str, failed: Dict[str, str]) -> Optional[str]:
@@ -507,3 +713,18 @@ def _nearest_failed(name: str, failed: Dict[str, str]) -> Optional[str]:
         if candidate in failed:
             return candidate
     return None
+
+
+__all__ = [
+    'analyse',
+    'find_pairs',
+    'resolve_roots',
+    'Analysis',
+    'Pair',
+    'Verdict',
+    'VerdictKind',
+    'Chain',
+    'CHECKPOINT',
+    'CHECKPOINT_FILE',
+    'MAX_PATHS_PER_FRAME',
+]

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from ..ops import fold_modules
-from .analysis import analyse
+from .analysis import analyse, resolve_roots
 from .guards import foldable_conv
 from .report import ConvBNReport, SkipRecord
-from .tune_mode import resolve_roots, turn_off_fast_conv_bn_eval
+from .tune_mode import turn_off_fast_conv_bn_eval
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

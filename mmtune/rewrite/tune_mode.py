@@ -44,7 +44,8 @@ from .analysis import (
     Analysis,
     Chain,
     Pair,
-    analyse,
+    find_pairs,
+    resolve_roots,
 )
 from .fold_batch import FoldBatch, _is_compiling, check_batch_arg
 from .guards import (
@@ -409,45 +410,6 @@ class ForwardScope:
             self.batch.close()
 
 
-def resolve_roots(
-    model: nn.Module, modules: Union[None, str, Sequence[str]]
-) -> List[str]:
-    """The qualified names of the submodules of ``model`` that ``modules``
-    names (``['']``: the whole model), without names inside another.
-
-    Raises:
-        TypeError: ``modules`` is not None, a name or a list of names.
-        ValueError: a name is not a submodule of ``model``.
-    """
-    if modules is None:
-        return ['']
-    if isinstance(modules, str):
-        modules = [modules]
-    if not isinstance(modules, (list, tuple)) or not all(
-        isinstance(m, str) for m in modules
-    ):
-        raise TypeError(
-            'modules must be None, a module name or a list of '
-            f'module names, got {modules!r}'
-        )
-    names = dict(model.named_modules())
-    unknown = [m for m in modules if m not in names]
-    if unknown:
-        valid = [name for name, _ in model.named_children()]
-        raise ValueError(
-            f'unknown module name(s) {unknown} for '
-            f'{type(model).__name__}; valid top-level names are {valid}'
-        )
-    # Drop names inside another requested name: their frames are covered.
-    roots = []
-    for name in sorted(set(modules), key=len):
-        if not any(
-            name == r or name.startswith(r + '.') or r == '' for r in roots
-        ):
-            roots.append(name)
-    return roots
-
-
 def _install(pair: Pair, batch: Optional[FoldBatch]) -> Optional[TunePair]:
     """Put one pair in tune mode; None if it already was."""
     if is_mmtune_forward(instance_forward(pair.conv)):
@@ -459,6 +421,42 @@ def _install(pair: Pair, batch: Optional[FoldBatch]) -> Optional[TunePair]:
     if pair.handler is not None:
         pair.handler.attach(pair.frame, runtime)
     return runtime
+
+
+def _install_pairs(
+    model: nn.Module, pairs: Sequence[Pair], batch: Optional[FoldBatch]
+) -> List[Optional[TunePair]]:
+    """Put ``pairs`` in tune mode, and mark each call of ``model`` with a
+    :class:`ForwardScope` of those newly on.
+
+    Returns:
+        list: For each pair its new :class:`TunePair`, or None if it
+        already was in tune mode.
+    """
+    runtimes = [_install(pair, batch) for pair in pairs]
+    installed = [runtime for runtime in runtimes if runtime is not None]
+    if installed:
+        scope = ForwardScope(installed, batch)
+        model.register_forward_pre_hook(scope.enter)
+        model.register_forward_hook(scope.exit, always_call=True)
+    return runtimes
+
+
+def _tune_report(
+    analysis: Analysis, runtimes: Sequence[Optional[TunePair]]
+) -> ConvBNReport:
+    """The report of :func:`turn_on_fast_conv_bn_eval`: every pair found
+    is converted (``runtimes``: what :func:`_install_pairs` returned)."""
+    report = ConvBNReport(mode='tune', skipped=list(analysis.skipped))
+    for pair, runtime in zip(analysis.pairs, runtimes):
+        names = (pair.conv_name, pair.bn_name)
+        report.converted.append(names)
+        if runtime is None:
+            report.already_on += 1
+        owner = tune_pair_of(pair.conv)
+        if owner is not None:
+            report.runtimes[names] = owner
+    return report
 
 
 def _make_batch(batch: Union[str, bool]) -> Optional[FoldBatch]:
@@ -501,24 +499,9 @@ def turn_on_fast_conv_bn_eval(
     """
     start = time.perf_counter()
     fold_batch = _make_batch(batch)
-    roots = resolve_roots(model, modules)
-    analysis: Analysis = analyse(model, roots)
-    report = ConvBNReport(mode='tune', skipped=list(analysis.skipped))
-    installed: List[TunePair] = []
-    for pair in analysis.pairs:
-        runtime = _install(pair, fold_batch)
-        if runtime is None:
-            report.already_on += 1
-        else:
-            installed.append(runtime)
-        report.converted.append((pair.conv_name, pair.bn_name))
-        owner = tune_pair_of(pair.conv)
-        if owner is not None:
-            report.runtimes[(pair.conv_name, pair.bn_name)] = owner
-    if installed:
-        scope = ForwardScope(installed, fold_batch)
-        model.register_forward_pre_hook(scope.enter)
-        model.register_forward_hook(scope.exit, always_call=True)
+    analysis = find_pairs(model, modules)
+    runtimes = _install_pairs(model, analysis.pairs, fold_batch)
+    report = _tune_report(analysis, runtimes)
     report.seconds = time.perf_counter() - start
     return report
 

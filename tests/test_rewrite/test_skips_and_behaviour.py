@@ -151,27 +151,34 @@ def test_unsafe_pairs_are_skipped_and_reported(cls, bn_name, reason):
 
 
 class Untraceable(nn.Module):
-    """Its forward loops over a tensor; its child is still covered."""
+    """Its forward loops over a tensor; its child is still covered, its own
+    pairs are proved from its source where the source can prove them."""
 
     def __init__(self):
         super().__init__()
         self.inner = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
         self.conv = nn.Conv2d(4, 4, 1)
         self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn2 = nn.BatchNorm2d(4)
 
     def forward(self, x):
         y = self.inner(x)
         for _ in range(int(y.shape[0])):
             pass
         parts = [p for p in y]  # iterating a tensor cannot be traced
-        return self.bn(self.conv(torch.stack(parts)))
+        y = self.bn(self.conv(torch.stack(parts)))
+        z = self.conv2(y)
+        return self.bn2(z) + z  # the conv output reaches more than the BN
 
 
-def test_untraceable_frame_falls_back_to_children():
+def test_untraceable_frame_falls_back_to_children_and_its_source():
     model = _prepare(Untraceable())
     report = _check_exact(model, [_x(2, 3, 5, 5)])
-    assert report.converted == [('inner.0', 'inner.1')]
-    assert 'could not be traced' in _reasons(report)['bn']
+    assert sorted(report.converted) == [('conv', 'bn'), ('inner.0', 'inner.1')]
+    reason = _reasons(report)['bn2']
+    assert 'could not be traced' in reason
+    assert 'its source does not prove the pair' in reason
 
 
 def test_transposed_conv_is_converted_exactly():
