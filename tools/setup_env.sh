@@ -3,7 +3,9 @@
 #
 # Creates ./.venv (override with MMTUNE_VENV) holding torch 2.13.0 (CPU),
 # mmengine 0.10.7, mmcv 2.1.0 built from source WITH its compiled ops,
-# mmdet 3.3.0, the test tools and mmtune itself in editable mode.
+# mmdet 3.3.0, the test tools, mmseg 1.2.2, mmpretrain 1.2.0 and mmpose
+# 1.3.2 (requirements/codebases.txt, without torchvision) and mmtune itself
+# in editable mode.
 # Building mmcv takes about 22 minutes on 2 cores the first time; pip caches
 # the wheel, and a second run with nothing changed takes seconds.
 set -euo pipefail
@@ -16,9 +18,13 @@ STAMP="$VENV/.mmtune-setup"
 WANT=$(cat requirements/*.txt setup.py tools/setup_env.sh | sha256sum |
     cut -d' ' -f1)
 
+# What a working environment imports (xtcocotools.mask: its binary wheel
+# installs and then fails to import).
+CHECK='import mmtune, mmcv.ops, mmdet, pkg_resources
+import mmseg, mmpretrain, mmpose, xtcocotools.mask'
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] &&
-    "$VENV/bin/python" -c 'import mmtune, mmcv.ops, mmdet, pkg_resources' \
-        2>/dev/null; then
+    "$VENV/bin/python" -c "$CHECK" 2>/dev/null; then
     echo "[setup] environment in $VENV is up to date"
     exit 0
 fi
@@ -41,9 +47,23 @@ if ! "$VENV/bin/python" -c 'import mmcv.ops' 2>/dev/null; then
     "${PIP[@]}" install -q -r requirements/cpu.txt
 fi
 
+echo "[setup] installing mmseg, mmpretrain and mmpose (no torchvision)"
+# --no-deps: their requirements name torchvision (CUDA wheels, another
+# torch) and chumpy (does not build); every package they import is listed.
+# xtcocotools is built from source (--no-binary in the file), with cython.
+"${PIP[@]}" install -q cython==3.3.1
+"${PIP[@]}" install -q --no-deps --no-build-isolation \
+    -r requirements/codebases.txt
+if ! "$VENV/bin/python" -c 'import xtcocotools.mask' 2>/dev/null; then
+    # a binary wheel installed earlier satisfies the pin and fails to import
+    "${PIP[@]}" install -q --no-deps --no-build-isolation \
+        --force-reinstall --no-binary xtcocotools \
+        "$(grep '^xtcocotools==' requirements/codebases.txt | cut -d' ' -f1)"
+fi
+
 echo "[setup] installing mmtune in editable mode"
 "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
 
-"$VENV/bin/python" -c 'import mmtune, mmcv.ops, mmdet, pkg_resources; print(
-    "[setup] ok: mmtune", mmtune.__version__)'
+"$VENV/bin/python" -c "$CHECK
+print('[setup] ok: mmtune', mmtune.__version__)"
 echo "$WANT" >"$STAMP"
