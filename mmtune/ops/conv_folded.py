@@ -13,7 +13,8 @@ the same bits, and lets the product go after the convolution's backward.
 Everything else the convolution keeps (its input) is kept as it is.
 
 The hooks are used only where they cannot get in anybody's way: when grad
-mode records the convolution, no other saved-tensor hooks are active (those
+mode records the convolution, torch (2.8 or later) can tell that no other
+saved-tensor hooks are active (those
 of non-reentrant checkpointing or offloading must see every tensor; an
 :func:`observe_saved_tensors` observer is the exception: it sees every
 tensor that is kept), saved-tensor hooks are enabled, and no
@@ -32,7 +33,11 @@ from .conv_bn import ConvBNFold, _scale_out_channels, conv_forward_with
 _autograd = torch._C._autograd
 _push = _autograd._push_saved_tensors_default_hooks
 _pop = _autograd._pop_saved_tensors_default_hooks
-_top = _autograd._top_saved_tensors_default_hooks
+# torch < 2.8 cannot tell which saved-tensor hooks are active: there the
+# folded weight is kept, as before (``(None,)`` is never an observer)
+_top = getattr(
+    _autograd, '_top_saved_tensors_default_hooks', lambda _: (None,)
+)
 _hooks_enabled = getattr(
     _autograd, '_saved_tensors_hooks_is_enabled', lambda: True
 )
