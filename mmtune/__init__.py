@@ -8,13 +8,12 @@ Layers, each importing only the ones below it:
 - :mod:`mmtune.rewrite`: finding Conv->BN pairs in a model and switching
   them to tune mode or folding them for deployment (torch + fx).
 - :mod:`mmtune.engine`: mmengine/mmcv integration (hooks, config keys, the
-  mmcv ``ConvModule`` path).
+  mmcv ``ConvModule`` path, feeding mmengine models to precise BN).
 - ``tools/``: command-line tools.
 """
 
 from importlib.util import find_spec as _find_spec
 
-from .precise_bn import update_bn_stats
 from .rewrite import (
     ConvBNReport,
     fuse_conv_bn,
@@ -28,7 +27,12 @@ if _find_spec('mmengine') is not None:
     # config's custom_imports imports mmtune, a word on unread keys
     from .engine.config import check_config_being_loaded
 
+    # update_bn_stats that also feeds mmengine models their way
+    from .engine.precise_bn import update_bn_stats
+
     check_config_being_loaded()
+else:
+    from .precise_bn import update_bn_stats
 
 __all__ = [
     '__version__',

@@ -7,8 +7,10 @@ fixes the weights, feeds many training samples through the model and sets
 the running statistics to the exact mean and variance of everything each
 layer saw, pooled over all batches and all processes.
 
-This module needs torch only (no mmengine, mmcv or mmdet): mmengine models
-are recognised by duck typing.
+This module needs torch only (no mmengine, mmcv or mmdet). It feeds each
+batch to the model the way ``torch.optim.swa_utils.update_bn`` does, or as a
+``prepare`` callable says; :mod:`mmtune.engine.precise_bn` supplies the one
+for mmengine models (data preprocessor, ``mode='tensor'``).
 """
 
 import logging
@@ -33,9 +35,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
-__all__ = ['update_bn_stats']
+__all__ = ['update_bn_stats', 'count_samples']
 
 _LOGGER = logging.getLogger(__name__)
+
+# prepare(batch) -> (run, number of samples in the batch); run() forwards it.
+Prepare = Callable[[Any], Tuple[Callable[[], Any], int]]
 
 
 class _PooledMoments:
@@ -149,24 +154,22 @@ def _bn_layers(model: nn.Module) -> List[Tuple[str, _BatchNorm]]:
     ]
 
 
-def _first_input(data: Any) -> Any:
-    """What the model receives as its first input in a batch."""
-    if isinstance(data, Mapping):
-        if 'inputs' in data:
-            return data['inputs']
-        return next(iter(data.values()), None)
-    if isinstance(data, (list, tuple)):
-        return data[0] if data else None
-    return data
+def count_samples(inputs: Any) -> int:
+    """The number of samples in a model input, as precise BN counts them.
 
+    A tensor counts its first dimension (a 0-d tensor is one sample), a
+    list or tuple its length, and a dict its ``'inputs'`` entry (or its
+    first value).
 
-def _count_samples(inputs: Any) -> int:
-    """The number of samples in a model input (a tensor, a list of tensors
-    or a dict of them)."""
+    Raises:
+        TypeError: ``inputs`` is none of these.
+    """
     if isinstance(inputs, torch.Tensor):
         return inputs.shape[0] if inputs.dim() else 1
     if isinstance(inputs, Mapping):
-        return _count_samples(_first_input(inputs))
+        if 'inputs' in inputs:
+            return count_samples(inputs['inputs'])
+        return count_samples(next(iter(inputs.values()), None))
     if isinstance(inputs, (list, tuple)):
         return len(inputs)
     raise TypeError(
@@ -176,49 +179,18 @@ def _count_samples(inputs: Any) -> int:
     )
 
 
-def _is_mmengine_model(model: nn.Module) -> bool:
-    """Whether ``model`` looks like an mmengine ``BaseModel``."""
-    return isinstance(
-        getattr(model, 'data_preprocessor', None), nn.Module
-    ) and callable(getattr(model, 'train_step', None))
-
-
-def _batch_runner(
+def _default_prepare(
     model: nn.Module, device: Optional[torch.device]
-) -> Callable[[Any], Tuple[Callable[[], Any], int]]:
-    """Return ``prepare(batch) -> (run, num_samples)`` for ``model``.
-
-    mmengine models: the batch goes through ``data_preprocessor(batch,
-    False)`` and ``model(..., mode='tensor')``. Other modules follow
-    ``torch.optim.swa_utils.update_bn``: a tuple/list batch gives
-    ``model(batch[0])``, anything else ``model(batch)``.
-    """
-    if _is_mmengine_model(model):
-
-        def prepare(batch):
-            data = model.data_preprocessor(batch, False)
-            if isinstance(data, Mapping):
-                return (
-                    lambda: model(**data, mode='tensor'),
-                    _count_samples(_first_input(data)),
-                )
-            if isinstance(data, (list, tuple)):
-                return (
-                    lambda: model(*data, mode='tensor'),
-                    _count_samples(_first_input(data)),
-                )
-            raise TypeError(
-                'the data preprocessor must return a dict, '
-                f'tuple or list, but got {type(data).__name__}'
-            )
-
-        return prepare
+) -> Prepare:
+    """The ``prepare`` of ``torch.optim.swa_utils.update_bn``: a tuple/list
+    batch gives ``model(batch[0])``, anything else ``model(batch)``; a
+    tensor input moves to ``device``."""
 
     def prepare(batch):
         inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
         if device is not None and isinstance(inputs, torch.Tensor):
             inputs = inputs.to(device)
-        return lambda: model(inputs), _count_samples(inputs)
+        return lambda: model(inputs), count_samples(inputs)
 
     return prepare
 
@@ -263,7 +235,7 @@ def _check_same_layers(
 
 
 def _run_batches(
-    prepare: Callable,
+    prepare: Prepare,
     data_loader: Iterable,
     num_samples: int,
     comm: _Comm,
@@ -366,6 +338,7 @@ def update_bn_stats(
     data_loader: Iterable,
     num_samples: int = 8192,
     *,
+    prepare: Optional[Prepare] = None,
     device: Optional[torch.device] = None,
     progress: bool = True,
     logger: Optional[logging.Logger] = None,
@@ -393,20 +366,24 @@ def update_bn_stats(
 
     Args:
         model (nn.Module): The model; ``DataParallel`` and
-            ``DistributedDataParallel`` wrappers are unwrapped. An mmengine
-            model receives each batch through ``data_preprocessor(batch,
-            False)`` and ``model(..., mode='tensor')``; any other module
-            receives ``batch[0]`` for a tuple/list batch and ``batch``
-            otherwise.
+            ``DistributedDataParallel`` wrappers are unwrapped.
         data_loader (Iterable): The batches, usually the training data
             loader (with training augmentation). It may be shorter than
             needed, have no ``len`` or no ``batch_size`` (batch samplers),
             and differ in length between ranks.
         num_samples (int): How many samples to use over all ranks, rounded
             up to whole iterations. Defaults to 8192.
-        device (torch.device, optional): Where to move the input of a plain
-            ``nn.Module`` (mmengine's data preprocessor moves its own).
-            Defaults to None (no move).
+        prepare (callable, optional): How one batch reaches the model:
+            ``prepare(batch)`` returns ``(run, n)``, where ``run()`` runs
+            the forward pass and ``n`` is the number of samples in the
+            batch (see :func:`count_samples`). It is called as soon as a
+            batch is read; ``run`` only once every rank has a batch.
+            Defaults to None: the model receives ``batch[0]`` for a
+            tuple/list batch and ``batch`` otherwise (the convention of
+            ``torch.optim.swa_utils.update_bn``).
+        device (torch.device, optional): Where the default ``prepare``
+            moves a tensor input; not allowed with ``prepare``. Defaults to
+            None (no move).
         progress (bool): Whether rank 0 shows a progress bar on stderr.
             Defaults to True.
         logger (logging.Logger, optional): Where rank 0 logs the summary.
@@ -426,6 +403,11 @@ def update_bn_stats(
     if num_samples <= 0:
         raise ValueError(
             f'num_samples must be positive, but got {num_samples}'
+        )
+    if prepare is not None and device is not None:
+        raise ValueError(
+            f'device={device!r} moves the input of the default prepare '
+            'only; with prepare=..., move the input there'
         )
     while isinstance(
         model, (nn.DataParallel, nn.parallel.DistributedDataParallel)
@@ -464,7 +446,7 @@ def update_bn_stats(
     try:
         with torch.no_grad():
             iters, seen = _run_batches(
-                _batch_runner(model, device),
+                prepare or _default_prepare(model, device),
                 data_loader,
                 num_samples,
                 comm,

@@ -18,6 +18,8 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 
 from .hooks.fast_conv_bn_eval_hook import (
+    CFG_MODULES_KEY,
+    MMENGINE_MODULES_KEY,
     check_enabled_key,
     check_modules_arg,
 )
@@ -38,18 +40,16 @@ def fast_conv_bn_eval_hook_cfg(cfg: Config) -> Optional[dict]:
     """The tune-mode hook config that ``cfg``'s keys ask for, or None.
 
     Raises:
-        TypeError: a key has the wrong type (the message names the value).
+        TypeError: a key has the wrong type (the message names the key and
+            quotes the value).
     """
     enabled = check_enabled_key(cfg.get('fast_conv_bn_eval', None))
     modules = check_modules_arg(
-        cfg.get('fast_conv_bn_eval_modules', None),
-        'fast_conv_bn_eval_modules',
+        cfg.get('fast_conv_bn_eval_modules', None), CFG_MODULES_KEY
     )
-    mmengine_modules = cfg.get('efficient_conv_bn_eval', None)
-    if mmengine_modules is not None:
-        mmengine_modules = check_modules_arg(
-            mmengine_modules, 'efficient_conv_bn_eval'
-        )
+    mmengine_modules = check_modules_arg(
+        cfg.get('efficient_conv_bn_eval', None), MMENGINE_MODULES_KEY
+    )
     if enabled is False:
         if modules is not None:
             print_log(

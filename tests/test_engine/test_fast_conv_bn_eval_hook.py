@@ -220,18 +220,112 @@ def test_mmengine_option_is_taken_over(tmp_path, calls):
     assert 'forward' in runner.model.backbone.conv1.__dict__
 
 
-@pytest.mark.parametrize(
-    'options,error,text',
-    [
-        (dict(fast_conv_bn_eval='yes'), TypeError, "'yes'"),
-        (dict(fast_conv_bn_eval_modules=3), TypeError, '3'),
-        (dict(precise_bn=dict(num_samples=-1)), ValueError, '-1'),
-    ],
-)
+# Each bad value, and what its error must say: the key it came from and the
+# value quoted.
+BAD_CONFIG_VALUES = [
+    (
+        dict(fast_conv_bn_eval='yes'),
+        TypeError,
+        "the config key fast_conv_bn_eval must be True or False, got 'yes'",
+    ),
+    (
+        dict(fast_conv_bn_eval_modules=3),
+        TypeError,
+        r'the config key fast_conv_bn_eval_modules must be .*, got 3 ',
+    ),
+    (
+        dict(fast_conv_bn_eval_modules=['backbone', '']),
+        TypeError,
+        r"fast_conv_bn_eval_modules must be .*, got \['backbone', ''\]",
+    ),
+    (
+        dict(efficient_conv_bn_eval=['backbone', 7]),
+        TypeError,
+        r"mmengine's config key efficient_conv_bn_eval must be .*, "
+        r"got \['backbone', 7\]",
+    ),
+    (
+        dict(precise_bn=dict(num_samples=-1)),
+        ValueError,
+        'the config key precise_bn.num_samples must be a positive int, '
+        'but got -1',
+    ),
+    (
+        dict(precise_bn=dict(interval=1.5)),
+        TypeError,
+        'the config key precise_bn.interval must be a positive int, '
+        'but got 1.5',
+    ),
+]
+
+
+@pytest.mark.parametrize('options,error,text', BAD_CONFIG_VALUES)
 def test_bad_config_values(options, error, text):
+    """apply_mmtune_cfg (mmtune's tools) names the key and the value."""
     cfg = Config(dict(options))
     with pytest.raises(error, match=text):
         apply_mmtune_cfg(cfg)
+
+
+@pytest.mark.parametrize(
+    'options,error,text',
+    [c for c in BAD_CONFIG_VALUES if 'precise_bn' not in c[0]]
+    + [
+        # checked even when the config turns tune mode off
+        (
+            dict(fast_conv_bn_eval=False, fast_conv_bn_eval_modules=3),
+            TypeError,
+            r'the config key fast_conv_bn_eval_modules must be .*, got 3 ',
+        ),
+    ],
+)
+def test_bad_config_values_read_by_the_hook(tmp_path, options, error, text):
+    """A Runner built without apply_mmtune_cfg (another codebase's
+    tools/train.py): the hook names the key and the value before any
+    training step, with or without its own ``modules``."""
+    from mmengine.runner import Runner
+
+    for modules in (None, ['backbone']):
+        cfg = demo_cfg(tmp_path / str(modules), max_iters=1, **options)
+        cfg.custom_hooks = [
+            dict(type='mmtune.FastConvBNEvalHook', modules=modules)
+        ]
+        runner = Runner.from_cfg(cfg)
+        with pytest.raises(error, match=text):
+            runner.train()
+        assert runner.iter == 0
+
+
+@pytest.mark.parametrize(
+    'kwargs,error,text',
+    [
+        (
+            dict(modules=3),
+            TypeError,
+            r'FastConvBNEvalHook\(modules=\.\.\.\) must be None, a module '
+            r'name or a list of module names, got 3 of type int',
+        ),
+        (
+            dict(modules=('neck', None)),
+            TypeError,
+            r'FastConvBNEvalHook\(modules=\.\.\.\) must be .*, '
+            r"got \('neck', None\)",
+        ),
+        (dict(batch='always'), ValueError, "batch must be .*, got 'always'"),
+    ],
+)
+def test_bad_hook_arguments(tmp_path, kwargs, error, text):
+    """The hook's own arguments, in Python and in ``custom_hooks``: the
+    error names the argument, not a config key."""
+    from mmengine.runner import Runner
+
+    with pytest.raises(error, match=text):
+        FastConvBNEvalHook(**kwargs)
+    cfg = demo_cfg(tmp_path, max_iters=1)
+    cfg.custom_hooks = [dict(type='mmtune.FastConvBNEvalHook', **kwargs)]
+    with pytest.raises(error, match=text) as info:
+        Runner.from_cfg(cfg)
+    assert 'config key' not in str(info.value)
 
 
 def test_unknown_module_names_fail_before_training(tmp_path):
@@ -273,9 +367,9 @@ def test_train_tool_rejects_bad_value(tmp_path):
         timeout=300,
     )
     assert proc.returncode != 0
-    assert "fast_conv_bn_eval must be True or False, got 'maybe'" in (
-        proc.stderr
-    )
+    assert (
+        "the config key fast_conv_bn_eval must be True or False, got 'maybe'"
+    ) in proc.stderr
 
 
 def test_compile_in_config(tmp_path):

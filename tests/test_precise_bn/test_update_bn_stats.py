@@ -1,8 +1,15 @@
 # Copyright (c) mmtune contributors. All rights reserved.
-"""``update_bn_stats`` in one process: closed forms and edge cases."""
+"""``update_bn_stats`` in one process: closed forms and edge cases.
+
+``mmtune.update_bn_stats`` is :func:`mmtune.engine.precise_bn.update_bn_stats`
+(mmengine is installed here), which feeds mmengine models their way and
+everything else to the torch-only :func:`mmtune.precise_bn.update_bn_stats`.
+"""
 
 import itertools
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +18,7 @@ from mmengine.model.utils import _BatchNormXd
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mmtune import update_bn_stats
+from mmtune import precise_bn, update_bn_stats
 
 
 def _pooled(*xs):
@@ -373,3 +380,81 @@ def test_mmengine_model_uses_preprocessor_and_tensor_mode():
     mean = torch.tensor([10.0, 20.0, 30.0]).view(1, 3, 1, 1)
     std = torch.tensor([2.0, 4.0, 8.0]).view(1, 3, 1, 1)
     _check_stats(model.bn, (images - mean) / std, rtol=1e-5)
+
+
+def test_mmengine_model_inside_a_wrapper():
+    """The wrapper is taken off before the model is recognised."""
+    from mmtune.engine import precise_bn as engine_precise_bn
+
+    assert update_bn_stats is engine_precise_bn.update_bn_stats
+    images = _data((10, 3, 4, 4)) * 5 + 20
+    batches = [{'inputs': list(images[i : i + 5])} for i in (0, 5)]
+    model = _MMModel()
+    update_bn_stats(nn.DataParallel(model), batches, 10, progress=False)
+    assert model.modes == ['tensor', 'tensor']
+
+
+def test_prepare_says_how_a_batch_reaches_the_model():
+    """The torch-only function with its own ``prepare``: each batch is
+    prepared when read and run after; ``n`` counts its samples."""
+    x = _data((12, 3, 2, 2))
+    bn = nn.BatchNorm2d(3)
+    calls = []
+
+    def prepare(batch):
+        calls.append('prepare')
+
+        def run():
+            calls.append('run')
+            return bn(input=batch['image'] * 2)
+
+        return run, len(batch['image'])
+
+    batches = [{'image': b} for b in x.split(4)]
+    summary = precise_bn.update_bn_stats(
+        bn, batches, 8, prepare=prepare, progress=False
+    )
+    assert calls == ['prepare', 'run'] * 2
+    assert (summary['num_iters'], summary['num_samples']) == (2, 8)
+    _check_stats(bn, x[:8] * 2)
+    with pytest.raises(ValueError, match='device=.*cpu.*prepare'):
+        precise_bn.update_bn_stats(
+            bn, batches, 8, prepare=prepare, device=torch.device('cpu')
+        )
+
+
+def test_count_samples():
+    count = precise_bn.count_samples
+    assert count(torch.ones(5, 3)) == 5
+    assert count(torch.tensor(2.0)) == 1
+    assert count([torch.ones(3)] * 4) == 4
+    assert count({'inputs': torch.ones(6, 1), 'labels': [0]}) == 6
+    assert count({'image': torch.ones(7, 1)}) == 7
+    with pytest.raises(TypeError, match='type str'):
+        count('abc')
+
+
+def test_the_maths_needs_torch_only():
+    """With mmengine, mmcv and mmdet unimportable, ``mmtune.precise_bn``
+    imports and works, and ``mmtune.update_bn_stats`` is its function."""
+    code = (
+        'import sys\n'
+        "for name in ('mmengine', 'mmcv', 'mmdet'):\n"
+        '    sys.modules[name] = None\n'
+        'import torch\n'
+        'import mmtune\n'
+        'from mmtune.precise_bn import update_bn_stats\n'
+        'assert mmtune.update_bn_stats is update_bn_stats\n'
+        'bn = torch.nn.BatchNorm1d(2)\n'
+        'x = torch.arange(8.0).view(4, 2)\n'
+        'print(update_bn_stats(bn, x.split(2), 4, progress=False))\n'
+        'print(bn.running_mean.tolist())\n'
+    )
+    out = subprocess.run(
+        [sys.executable, '-c', code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split('\n')[-2] == '[3.0, 4.0]', out.stdout

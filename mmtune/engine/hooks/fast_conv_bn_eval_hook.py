@@ -15,19 +15,23 @@ from mmtune.rewrite.tune_mode import resolve_roots
 
 Modules = Union[None, str, Sequence[str]]
 
+# Where a modules value came from, as the errors name it.
+HOOK_MODULES_ARG = 'FastConvBNEvalHook(modules=...)'
+CFG_MODULES_KEY = 'the config key fast_conv_bn_eval_modules'
+MMENGINE_MODULES_KEY = "mmengine's config key efficient_conv_bn_eval"
 
-def check_modules_arg(
-    modules: Modules, what: str = 'modules'
-) -> Optional[List[str]]:
+
+def check_modules_arg(modules: Modules, what: str) -> Optional[List[str]]:
     """Validate a ``modules`` value (None, a name or a list of names).
 
     Args:
         modules: The value.
-        what (str): The argument or config key it came from, for the
-            error. Defaults to ``'modules'``.
+        what (str): Where the value came from, as the error names it: the
+            hook's argument (:data:`HOOK_MODULES_ARG`) or a config key
+            (:data:`CFG_MODULES_KEY`, :data:`MMENGINE_MODULES_KEY`).
 
     Raises:
-        TypeError: naming ``what`` and the bad value.
+        TypeError: naming ``what`` and quoting the bad value.
     """
     if modules is None:
         return None
@@ -39,7 +43,7 @@ def check_modules_arg(
         return list(modules)
     raise TypeError(
         f'{what} must be None, a module name or a list '
-        f'of module names, got {modules!r}'
+        f'of module names, got {modules!r} of type {type(modules).__name__}'
     )
 
 
@@ -47,12 +51,12 @@ def check_enabled_key(value) -> Optional[bool]:
     """Validate the config key ``fast_conv_bn_eval`` (None, True or False).
 
     Raises:
-        TypeError: naming the bad value.
+        TypeError: naming the key and quoting the bad value.
     """
     if value is not None and not isinstance(value, bool):
         raise TypeError(
-            f'fast_conv_bn_eval must be True or False, got {value!r} of '
-            f'type {type(value).__name__}'
+            'the config key fast_conv_bn_eval must be True or False, got '
+            f'{value!r} of type {type(value).__name__}'
         )
     return value
 
@@ -106,7 +110,7 @@ class FastConvBNEvalHook(Hook):
     priority = 'LOW'
 
     def __init__(self, modules: Modules = None, batch='auto'):
-        self.modules = check_modules_arg(modules)
+        self.modules = check_modules_arg(modules, HOOK_MODULES_ARG)
         check_batch_arg(batch)
         self.batch = batch
         self.enabled = True
@@ -117,17 +121,19 @@ class FastConvBNEvalHook(Hook):
         """Read mmtune's config keys, validate module names and take over
         mmengine's own option."""
         cfg = runner.cfg
-        if check_enabled_key(cfg.get('fast_conv_bn_eval', None)) is False:
+        # mmtune's keys are checked whichever of them is used, as
+        # apply_mmtune_cfg does; mmengine's only when it is taken over.
+        enabled = check_enabled_key(cfg.get('fast_conv_bn_eval', None))
+        cfg_modules = check_modules_arg(
+            cfg.get('fast_conv_bn_eval_modules', None), CFG_MODULES_KEY
+        )
+        if enabled is False:
             self.enabled = False
             runner.logger.info(
                 'mmtune: fast_conv_bn_eval=False in the config, so '
                 'FastConvBNEvalHook leaves the model as it is'
             )
             return
-        cfg_modules = check_modules_arg(
-            cfg.get('fast_conv_bn_eval_modules', None),
-            'fast_conv_bn_eval_modules',
-        )
         if self.modules is None:
             self.modules = cfg_modules
         elif cfg_modules is not None and set(cfg_modules) != set(self.modules):
@@ -136,20 +142,17 @@ class FastConvBNEvalHook(Hook):
                 f'config key fast_conv_bn_eval_modules={cfg_modules!r} '
                 'name different modules; set one of them'
             )
-        mmengine_modules = cfg.get('efficient_conv_bn_eval', None)
+        mmengine_value = cfg.get('efficient_conv_bn_eval', None)
+        mmengine_modules = check_modules_arg(
+            mmengine_value, MMENGINE_MODULES_KEY
+        )
         if mmengine_modules is not None:
             runner.cfg.pop('efficient_conv_bn_eval')
             if self.modules is not None:
-                extra = (
-                    check_modules_arg(
-                        mmengine_modules, 'efficient_conv_bn_eval'
-                    )
-                    or []
-                )
-                self.modules = sorted(set(self.modules) | set(extra))
+                self.modules = sorted({*self.modules, *mmengine_modules})
             runner.logger.info(
                 "mmtune: the config sets mmengine's efficient_conv_bn_eval="
-                f'{mmengine_modules!r}; mmtune applies the rewrite once, '
+                f'{mmengine_value!r}; mmtune applies the rewrite once, '
                 'itself (modules: '
                 f'{self.modules if self.modules else "whole model"})'
             )

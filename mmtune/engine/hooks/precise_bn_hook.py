@@ -7,7 +7,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.runner import IterBasedTrainLoop
 
-from mmtune.precise_bn import update_bn_stats
+from mmtune.engine.precise_bn import update_bn_stats
 from mmtune.registry import register_hook
 
 __all__ = ['PreciseBNHook', 'precise_bn_hook_cfg']
@@ -17,17 +17,16 @@ DATA_BATCH = Optional[Union[dict, tuple, list]]
 _DEFAULTS = {'num_samples': 8192, 'interval': 1}
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    """Raise a clear error unless ``value`` is a positive int."""
+def _check_positive_int(what: str, value: Any) -> None:
+    """Raise an error naming ``what`` (the argument or config key the value
+    came from) unless ``value`` is a positive int."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(
-            f'precise BN: `{name}` must be a positive int, but '
+            f'{what} must be a positive int, but '
             f'got {value!r} of type {type(value).__name__}'
         )
     if value <= 0:
-        raise ValueError(
-            f'precise BN: `{name}` must be a positive int, but got {value!r}'
-        )
+        raise ValueError(f'{what} must be a positive int, but got {value!r}')
 
 
 @register_hook
@@ -69,8 +68,8 @@ class PreciseBNHook(Hook):
     priority = 'ABOVE_NORMAL'
 
     def __init__(self, num_samples: int = 8192, interval: int = 1) -> None:
-        _check_positive_int('num_samples', num_samples)
-        _check_positive_int('interval', interval)
+        _check_positive_int('PreciseBNHook(num_samples=...)', num_samples)
+        _check_positive_int('PreciseBNHook(interval=...)', interval)
         self.num_samples = num_samples
         self.interval = interval
         # runner.iter (iterations done) when the statistics were computed.
@@ -189,5 +188,5 @@ def precise_bn_hook_cfg(value: Any) -> Optional[dict]:
         )
     kwargs = {**_DEFAULTS, **value}
     for name, arg in kwargs.items():
-        _check_positive_int(name, arg)
+        _check_positive_int(f'the config key precise_bn.{name}', arg)
     return {'type': 'mmtune.PreciseBNHook', **kwargs}
