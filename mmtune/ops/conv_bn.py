@@ -103,40 +103,29 @@ def fold_conv_bn(
         tuple[Tensor, Tensor]: The folded weight and bias, in the conv
         weight's dtype.
     """
-    fold = _fold(
+    if inv_std is None:
+        inv_std = bn_inv_std(running_var, eps)
+    scale = bn_scale(inv_std, bn_weight)
+    fold = _folded(
         conv_weight,
+        scale,
         conv_bias,
         running_mean,
-        running_var,
-        bn_weight,
         bn_bias,
-        eps,
         transposed,
         groups,
-        inv_std,
     )
     return fold.weight, fold.bias
 
 
-def _fold(
-    conv_weight,
-    conv_bias,
-    running_mean,
-    running_var,
-    bn_weight,
-    bn_bias,
-    eps,
-    transposed,
-    groups,
-    inv_std=None,
+def _folded(
+    source, scale, conv_bias, running_mean, bn_bias, transposed, groups
 ) -> ConvBNFold:
-    if inv_std is None:
-        inv_std = bn_inv_std(running_var, eps)
-    scale = bn_scale(inv_std, bn_weight)
-    weight = _scale_out_channels(conv_weight, scale, transposed, groups)
+    """The fold of a conv weight ``source`` by the factors ``scale``."""
+    weight = _scale_out_channels(source, scale, transposed, groups)
     bias = fold_bias(conv_bias, running_mean, scale, bn_bias)
-    dtype = conv_weight.dtype
-    return ConvBNFold(weight.to(dtype), bias.to(dtype), conv_weight, scale)
+    dtype = source.dtype
+    return ConvBNFold(weight.to(dtype), bias.to(dtype), source, scale)
 
 
 def fold_modules(
@@ -147,14 +136,14 @@ def fold_modules(
     hook-computed weights are the ones used); ``weight`` replaces
     ``conv.weight`` when given (a weight the conv's forward computes).
     Unpacks as ``weight, bias, source, scale``."""
-    return _fold(
-        conv.weight if weight is None else weight,
+    source = conv.weight if weight is None else weight
+    scale = bn_scale(bn_inv_std(bn.running_var, bn.eps), bn.weight)
+    return _folded(
+        source,
+        scale,
         conv.bias,
         bn.running_mean,
-        bn.running_var,
-        bn.weight,
         bn.bias,
-        bn.eps,
         conv.transposed,
         conv.groups,
     )
