@@ -232,6 +232,19 @@ HRNET_EXTRA = dict(
 
 #: mmdet backbone configs (plain dicts, no mmdet import here) used by the
 #: tests and ``tools/analysis_tools/conv_bn_coverage.py``.
+#: Benchmark/check tool arguments that make the ResNet-50 classifier
+#: config (configs/benchmark/resnet50_8xb64_finetune-cls-224.py) a quick
+#: ResNet-18 on 10 classes at 32x32.
+SMALL_CLASSIFIER_ARGS = [
+    '--img-size',
+    '32',
+    '32',
+    '--cfg-options',
+    'model.backbone.depth=18',
+    'model.in_channels=512',
+    'model.num_classes=10',
+]
+
 MMDET_BACKBONES = {
     'resnet50': dict(type='ResNet', depth=50, norm_eval=True),
     'resnet18_with_cp': dict(

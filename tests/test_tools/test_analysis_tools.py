@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip('mmdet')
 
 import mmtune.rewrite.tune_mode as tune_mode  # noqa: E402
+from mmtune.testing import SMALL_CLASSIFIER_ARGS  # noqa: E402
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOLS = osp.join(REPO, 'tools', 'analysis_tools')
@@ -35,15 +36,7 @@ SMALL_DEMO = [
     'demo_data.img_size=(96,64)',
     'train_dataloader.dataset.pipeline.2.scale=(96,64)',
 ]
-SMALL_CLS = [
-    '--img-size',
-    '32',
-    '32',
-    '--cfg-options',
-    'model.backbone.depth=18',
-    'model.in_channels=512',
-    'model.num_classes=10',
-]
+SMALL_CLS = SMALL_CLASSIFIER_ARGS
 
 
 @pytest.fixture(scope='module')

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip('mmdet')
 
-from mmtune.testing import run_python  # noqa: E402
+from mmtune.testing import SMALL_CLASSIFIER_ARGS, run_python  # noqa: E402
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 RUNNER = osp.join(REPO, 'tools', 'analysis_tools', 'benchmark_workloads.py')
@@ -217,14 +217,8 @@ def test_cli_end_to_end_cpu(tmp_path):
             # passed through to benchmark_fast_conv_bn_eval.py
             '--batch-size',
             '2',
-            '--img-size',
-            '32',
-            '32',
             # a ResNet-18 on 10 classes: a quicker build and step
-            '--cfg-options',
-            'model.backbone.depth=18',
-            'model.in_channels=512',
-            'model.num_classes=10',
+            *SMALL_CLASSIFIER_ARGS,
         ],
         cwd=REPO,
         timeout=240,
