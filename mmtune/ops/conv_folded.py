@@ -104,7 +104,7 @@ class _Refold:
     def __init__(self, folded, source, scale, transposed, groups, observer):
         self.folded = folded
         self.source = source
-        self.scale = scale.detach()
+        self.scale = scale.detach() if scale.requires_grad else scale
         self.transposed = transposed
         self.groups = groups
         self.dtype = folded.dtype
@@ -139,10 +139,14 @@ class _Refold:
         return self._product()
 
     def _product(self) -> Tensor:
-        weight = _scale_out_channels(
-            self.source, self.scale, self.transposed, self.groups
-        )
-        return weight.to(self.dtype)
+        source, scale = self.source, self.scale
+        if scale.dim() == source.dim() and not self.transposed:
+            weight = source * scale  # factors shaped (C, 1, ..., 1)
+        else:
+            weight = _scale_out_channels(
+                source, scale, self.transposed, self.groups
+            )
+        return weight if weight.dtype == self.dtype else weight.to(self.dtype)
 
 
 def _unpack(packed):

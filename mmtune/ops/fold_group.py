@@ -57,11 +57,16 @@ class FoldGroupPlan:
         self.out_dtype = out_dtype
         self.names = list(names) if names is not None else None
         # shaped like each pair's per-output-channel factor, (C, 1, ..., 1):
-        # unflatten_dense_tensors cuts a vector into such views in one call
+        # unflatten_dense_tensors cuts a vector into such views in one call,
+        # or split does, faster, when all weights have as many dimensions
         self.factor_shapes = [
             torch.empty((s[0],) + (1,) * (len(s) - 1), device='meta')
             for s in self.shapes
         ]
+        dims = {len(s) for s in self.shapes}
+        self.factor_view = (
+            (-1,) + (1,) * (dims.pop() - 1) if len(dims) == 1 else None
+        )
         # runs of consecutive pairs whose rows have the same length:
         # (first pair, end pair, first row, end row, row length)
         self.runs: List[Tuple[int, int, int, int, int]] = []
@@ -88,12 +93,15 @@ _flatten = torch._C._nn.flatten_dense_tensors
 _unflatten = torch._C._nn.unflatten_dense_tensors
 
 
-def _fold_weights(weights, scale: Tensor, plan: FoldGroupPlan) -> List[Tensor]:
+def _fold_weights(
+    weights, factors: List[Tensor], plan: FoldGroupPlan
+) -> List[Tensor]:
     """Each weight times its output channels' factors, as separate tensors
     (each is freed with its convolution's saved tensors)."""
-    factors = _unflatten(scale, plan.factor_shapes)
     weights = list(weights)
-    if torch.promote_types(weights[0].dtype, scale.dtype) == plan.out_dtype:
+    if torch.promote_types(weights[0].dtype, factors[0].dtype) == (
+        plan.out_dtype
+    ):
         return list(torch._foreach_mul(weights, factors))
     # autocast: computed in the weights' precision, then rounded once, a
     # run at a time (x * 1 makes separate tensors again)
@@ -110,6 +118,7 @@ def _weight_grads(
     weights,
     grads,
     scale: Tensor,
+    factors: List[Tensor],
     plan: FoldGroupPlan,
     need_w: bool,
     need_gamma: bool,
@@ -140,62 +149,56 @@ def _weight_grads(
                     )
                 row += channels
     if need_w:
-        factors = _unflatten(scale, plan.factor_shapes)
-        got = torch._foreach_mul(
-            [grads[i] for i in used], [factors[i] for i in used]
-        )
+        if len(used) == n:
+            got = torch._foreach_mul(list(grads[:n]), factors)
+        else:
+            got = torch._foreach_mul(
+                [grads[i] for i in used], [factors[i] for i in used]
+            )
         for i, g in zip(used, got):
             grad_ws[i] = g
     return grad_ws, rows
 
 
-def _group_scale(gammas, inv_std: Tensor) -> Tensor:
-    """All pairs' ``gamma / sqrt(var + eps)``, one vector."""
-    return bn_scale(inv_std, None if gammas[0] is None else torch.cat(gammas))
-
-
-def _fold(plan, weights, biases, gammas, betas, mean, inv_std):
-    """The forward of :class:`_FoldGroup`: folded weights, folded bias,
-    scale and shift."""
-    scale = _group_scale(gammas, inv_std)
+def _fold(plan, weights, biases, betas, mean, scale, factors):
+    """The forward of :class:`_FoldGroup`: folded weights, folded bias and
+    shift."""
     shift = mean.neg() if biases[0] is None else torch.cat(biases) - mean
-    outs = _fold_weights(weights, scale, plan)
+    outs = _fold_weights(weights, factors, plan)
     if betas[0] is None:
         folded_b = scale * shift
     else:
         folded_b = torch.addcmul(torch.cat(betas), scale, shift)
-    return outs, folded_b.to(plan.out_dtype), scale, shift
+    return outs, folded_b.to(plan.out_dtype), shift
 
 
 class _FoldGroup(torch.autograd.Function):
-    """Inputs: plan, n, then n weights, n conv biases (or None), n gammas
-    (or None), n betas (or None), then running means and inverse stds as
-    two flat vectors. Outputs: n folded weights, one flat folded bias and
-    the flat scale (not differentiable)."""
+    """Inputs: plan, n, ``(scale, factors)`` (the values of ``gamma *
+    inv_std``, flat and cut per pair: computed by the caller, held for the
+    backward), then n weights, n conv biases (or None), n gammas (or
+    None), n betas (or None), then running means and inverse stds as two
+    flat vectors. Outputs: n folded weights and one flat folded bias."""
 
     @staticmethod
-    def forward(ctx, plan, n, *tensors):
+    def forward(ctx, plan, n, factored, *tensors):
+        scale, factors = factored
         weights = tensors[:n]
-        biases, gammas, betas = (
-            tensors[n : 2 * n],
-            tensors[2 * n : 3 * n],
-            tensors[3 * n : 4 * n],
-        )
+        biases, betas = tensors[n : 2 * n], tensors[3 * n : 4 * n]
         mean, inv_std = tensors[4 * n], tensors[4 * n + 1]
-        outs, folded_b, scale, shift = _fold(
-            plan, weights, biases, gammas, betas, mean, inv_std
+        outs, folded_b, shift = _fold(
+            plan, weights, biases, betas, mean, scale, factors
         )
         ctx.plan, ctx.n = plan, n
-        # Only the parameters are held, and only two per-channel vectors
-        # saved: the scale is recomputed from gamma and inv_std in the
-        # backward, the running mean given back by the shift (double
-        # backward). That keeps no more alive than folding pair by pair.
+        # Only the parameters are held, and per-channel vectors: the
+        # factors (kept, not recomputed: a few hundred kB for a ResNet),
+        # and the shift and inverse std (double backward); the running
+        # mean is given back by the shift. No weight-sized tensor is kept.
+        ctx.factored = factored
         ctx.inputs = tensors[: 4 * n]
-        ctx.versions = _versions(weights, gammas)
+        ctx.versions = _versions(weights, tensors[2 * n : 3 * n])
         ctx.save_for_backward(shift, inv_std)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(scale)
-        return (*outs, folded_b, scale)
+        return (*outs, folded_b)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -203,25 +206,26 @@ class _FoldGroup(torch.autograd.Function):
         weights, gammas = ctx.inputs[:n], ctx.inputs[2 * n : 3 * n]
         _check_versions(plan, weights, gammas, ctx.versions)
         if torch.is_grad_enabled():  # create_graph=True: differentiable
-            return (None, None) + _fold_group_backward_autograd(ctx, grads)
+            return (None, None, None) + _fold_group_backward_autograd(
+                ctx, grads
+            )
         grad_ws, grad_b = grads[:n], grads[n]
         used = [g is not None for g in grad_ws]
         if not any(used):
-            return (None,) * (2 + 4 * n + 2)
+            return (None,) * (3 + 4 * n + 2)
         shift, inv_std = ctx.saved_tensors
-        # the same operation on the same values as in the forward
-        scale = _group_scale(gammas, inv_std)
+        scale, factors = ctx.factored
         dtype = scale.dtype
         if grad_b is None:
             grad_b = scale.new_zeros(scale.shape)
         grad_b = grad_b.to(dtype)
-        needs = ctx.needs_input_grad[2:]
+        needs = ctx.needs_input_grad[3:]
         need_w = any(needs[:n])
         need_b = any(needs[n : 2 * n])
         need_gamma = any(needs[2 * n : 3 * n])
         grad_gamma = grad_bias = None
         grad_w, rows = _weight_grads(
-            weights, grad_ws, scale, plan, need_w, need_gamma
+            weights, grad_ws, scale, factors, plan, need_w, need_gamma
         )
         if need_gamma:
             grad_gamma = torch.addcmul(rows, grad_b, shift).mul_(inv_std)
@@ -234,7 +238,17 @@ class _FoldGroup(torch.autograd.Function):
         out_b = _split(grad_bias, plan, needs[n : 2 * n], used)
         out_g = _split(grad_gamma, plan, needs[2 * n : 3 * n], used)
         out_beta = _split(grad_b, plan, needs[3 * n : 4 * n], used)
-        return (None, None, *out_w, *out_b, *out_g, *out_beta, None, None)
+        return (
+            None,
+            None,
+            None,
+            *out_w,
+            *out_b,
+            *out_g,
+            *out_beta,
+            None,
+            None,
+        )
 
 
 def _watched(weights, gammas) -> List[Tensor]:
@@ -251,6 +265,8 @@ def _check_versions(plan, weights, gammas, versions) -> None:
     modified in place after the forward."""
     n = len(weights)
     tensors = _watched(weights, gammas)
+    if [t._version for t in tensors] == versions:
+        return
     for k, (t, version) in enumerate(zip(tensors, versions)):
         if t._version != version:
             i = k % n
@@ -316,7 +332,7 @@ def _fold_group_backward_autograd(ctx, grads) -> tuple:
         wanted = [
             (k, t)
             for k, t in enumerate(inputs)
-            if t is not None and ctx.needs_input_grad[2 + k * n + i]
+            if t is not None and ctx.needs_input_grad[3 + k * n + i]
         ]
         if not wanted:
             continue
@@ -336,6 +352,13 @@ def _fold_group_backward_autograd(ctx, grads) -> tuple:
     return tuple(result)
 
 
+def _factors(scale: Tensor, plan: FoldGroupPlan) -> List[Tensor]:
+    """``scale`` cut into each pair's ``(C, 1, ..., 1)`` factors (views)."""
+    if plan.factor_view is not None:
+        return list(scale.view(plan.factor_view).split(plan.channels))
+    return _unflatten(scale, plan.factor_shapes)
+
+
 def fold_conv_bn_group(
     plan: FoldGroupPlan,
     weights: Sequence[Tensor],
@@ -344,7 +367,7 @@ def fold_conv_bn_group(
     betas: Sequence[Optional[Tensor]],
     mean: Tensor,
     inv_std: Tensor,
-) -> Tuple[List[Tensor], Tensor, Tensor]:
+) -> Tuple[List[Tensor], Tensor, List[Tensor]]:
     """Fold a group of Conv->eval-BN pairs at once.
 
     Args:
@@ -358,12 +381,12 @@ def fold_conv_bn_group(
         inv_std (Tensor): All pairs' ``1 / sqrt(var + eps)``, concatenated.
 
     Returns:
-        tuple[list[Tensor], Tensor, Tensor]: Each pair's folded weight
-        (shaped as its conv weight) and all folded biases as one vector, in
-        ``plan.out_dtype``, and all factors ``gamma / sqrt(var + eps)`` as
-        one vector (not differentiable: for recomputing a folded weight). A
-        pair whose folded weight gets no gradient gets None for all its
-        parameters, as in eval mode.
+        tuple[list[Tensor], Tensor, list[Tensor]]: Each pair's folded
+        weight (shaped as its conv weight) and all folded biases as one
+        vector, in ``plan.out_dtype``, and each pair's factors ``gamma /
+        sqrt(var + eps)`` shaped ``(C, 1, ..., 1)`` (not differentiable:
+        for computing a folded weight again). A pair whose folded weight
+        gets no gradient gets None for all its parameters, as in eval mode.
     """
     n = len(weights)
     for seq, what in (
@@ -375,7 +398,20 @@ def fold_conv_bn_group(
             raise ValueError(f'{what}: expected {n} entries, got {len(seq)}')
         if len({t is None for t in seq}) > 1:
             raise ValueError(f'{what} must be all None or all tensors')
+    with torch.no_grad():
+        scale = bn_scale(
+            inv_std, None if gammas[0] is None else torch.cat(gammas)
+        )
+    factors = _factors(scale, plan)
     outs = _FoldGroup.apply(
-        plan, n, *weights, *biases, *gammas, *betas, mean, inv_std
+        plan,
+        n,
+        (scale, factors),
+        *weights,
+        *biases,
+        *gammas,
+        *betas,
+        mean,
+        inv_std,
     )
-    return list(outs[:n]), outs[n], outs[n + 1]
+    return list(outs[:n]), outs[n], factors

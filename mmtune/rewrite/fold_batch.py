@@ -88,16 +88,17 @@ def check_batch_arg(batch) -> None:
 def _stamp(bn, cp: dict, bp: dict, bb: dict) -> tuple:
     """What a pair's fold is computed from: the BN eps, and the storage,
     version and ``requires_grad`` of each tensor (``cp``/``bp``/``bb``: the
-    conv's parameters, the BN's parameters and buffers). One flat tuple,
-    built without a loop: this runs at every call."""
-    w, b = cp['weight'], cp['bias']
-    g, be = bp['weight'], bp['bias']
-    mean, var = bb['running_mean'], bb['running_var']
+    conv's parameters, the BN's parameters and buffers; a missing one is
+    None). One flat tuple, built without a loop: this runs at every
+    call."""
+    w, b = cp.get('weight'), cp.get('bias')
+    g, be = bp.get('weight'), bp.get('bias')
+    mean, var = bb.get('running_mean'), bb.get('running_var')
     return (
         bn.eps,
-        w.data_ptr(),
-        w._version,
-        w.requires_grad,
+        None if w is None else w.data_ptr(),
+        None if w is None else w._version,
+        None if w is None else w.requires_grad,
         None if b is None else b.data_ptr(),
         None if b is None else b._version,
         None if b is None else b.requires_grad,
@@ -107,10 +108,10 @@ def _stamp(bn, cp: dict, bp: dict, bb: dict) -> tuple:
         None if be is None else be.data_ptr(),
         None if be is None else be._version,
         None if be is None else be.requires_grad,
-        mean.data_ptr(),
-        mean._version,
-        var.data_ptr(),
-        var._version,
+        None if mean is None else mean.data_ptr(),
+        None if mean is None else mean._version,
+        None if var is None else var.data_ptr(),
+        None if var is None else var._version,
     )
 
 
@@ -248,15 +249,17 @@ class FoldBatch:
         """
         if not self._open or not self.enabled or not batch_allowed():
             return None
-        if self._dicts is None:
-            self._dicts = [
+        dicts = self._dicts
+        if dicts is None:
+            dicts = self._dicts = [
                 (conv, bn, conv._parameters, bn._parameters, bn._buffers)
                 for conv, bn, _ in self.members
             ]
-        conv, bn, cp, bp, bb = self._dicts[index]
-        if not _batchable(conv, cp, bp, bb):
+        conv, bn, cp, bp, bb = dicts[index]
+        weight = cp.get('weight')
+        if weight is None:
             return None
-        device = cp['weight'].device
+        device = weight.device
         types = self.device_types
         if types is not None and device.type not in types:
             return None
@@ -265,7 +268,13 @@ class FoldBatch:
         if folded is None:
             folded = self._fold(key)
         entry = folded.entries.pop(index, None)
-        if entry is None or entry[1] != _stamp(bn, cp, bp, bb):
+        # the stamp: the same tensors, unchanged since they were folded (a
+        # pre-hook added since could write through .data: fold alone)
+        if (
+            entry is None
+            or conv._forward_pre_hooks
+            or entry[1] != _stamp(bn, cp, bp, bb)
+        ):
             return None
         return entry[0]
 
@@ -344,7 +353,7 @@ class FoldBatch:
         with torch.no_grad():
             mean = torch.cat(means)
             inv_std = torch.cat(variances).add_(eps).rsqrt_()
-        folded_ws, bias, scale = fold_conv_bn_group(
+        folded_ws, bias, factors = fold_conv_bn_group(
             plan, weights, biases, gammas, betas, mean, inv_std
         )
         dicts = self._dicts
@@ -353,7 +362,7 @@ class FoldBatch:
             indices,
             folded_ws,
             bias.split(plan.channels),
-            scale.split(plan.channels),
+            factors,
             tensors,
         ):
             _, bn, cp, bp, bb = dicts[i]

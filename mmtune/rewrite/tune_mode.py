@@ -236,13 +236,33 @@ class TunePair:
         self.armed = False
         self.folded = 0
         self.computed: Dict[str, int] = {}
+        # the bound methods last seen installed (compared by identity at
+        # every call; a copy or an unpickled model has new ones)
+        self._installed: Tuple = (None, None)
 
     def install(self) -> None:
         """Make the methods the modules' instance forwards."""
-        self.conv.forward = self.conv_forward
-        self.bn.forward = self.bn_forward
+        conv_fn, bn_fn = self.conv_forward, self.bn_forward
+        self.conv.forward = conv_fn
+        self.bn.forward = bn_fn
+        self._installed = (conv_fn, bn_fn)
 
-    _TRANSIENT = ('pending', 'armed', 'folded', 'computed')
+    _TRANSIENT = ('pending', 'armed', 'folded', 'computed', '_installed')
+
+    def _still_installed(self) -> bool:
+        """Whether the conv's and the BN's instance forwards are still this
+        pair's methods."""
+        conv_fn = self.conv.__dict__.get('forward')
+        bn_fn = self.bn.__dict__.get('forward')
+        known = self._installed
+        if conv_fn is known[0] and bn_fn is known[1]:
+            return True
+        if _installed(self.conv, self, TunePair.conv_forward) and _installed(
+            self.bn, self, TunePair.bn_forward
+        ):
+            self._installed = (conv_fn, bn_fn)
+            return True
+        return False
 
     def __deepcopy__(self, memo):
         # not through __getstate__ (which turns the chains' code objects
@@ -309,16 +329,22 @@ class TunePair:
             reason = conv_type_problem(conv) or bn_type_problem(bn)
             if reason is not None:
                 return reason
-        if not (
-            _installed(conv, self, TunePair.conv_forward)
-            and _installed(bn, self, TunePair.bn_forward)
-        ):
+        if not self._still_installed():
             return WRAPPED
         frame = self.frame
-        if (
-            _submodule(frame, self.conv_path) is not conv
-            or _submodule(frame, self.bn_path) is not bn
-        ):
+        conv_path, bn_path = self.conv_path, self.bn_path
+        if len(conv_path) == 1 and len(bn_path) == 1:
+            children = frame._modules
+            swapped = (
+                children.get(conv_path[0]) is not conv
+                or children.get(bn_path[0]) is not bn
+            )
+        else:
+            swapped = (
+                _submodule(frame, conv_path) is not conv
+                or _submodule(frame, bn_path) is not bn
+            )
+        if swapped:
             return SWAPPED
         reason = hooks_problem(conv, bn)
         if reason is not None:
@@ -337,9 +363,12 @@ class TunePair:
             )
         reason = self.refusal()
         if reason is None:
-            parsed = _conv_args(args, kwargs, conv.transposed)
-            if parsed is None:
-                reason = ARGUMENTS
+            if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+                parsed = args[0], None
+            else:
+                parsed = _conv_args(args, kwargs, conv.transposed)
+                if parsed is None:
+                    reason = ARGUMENTS
         if reason is not None:
             self.computed[reason] = self.computed.get(reason, 0) + 1
             return type(conv).forward(conv, *args, **kwargs)
