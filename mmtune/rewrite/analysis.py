@@ -11,8 +11,9 @@ traced as free inputs) and in both training modes, and
 on every one of those paths, the conv output goes to the BN and nowhere
 else, the BN gets nothing else, and neither module is called from any other
 place. For a frame that cannot be traced, the pairs that its forward's
-source proves are taken (:mod:`.source_pairs`: ``self.bn(self.conv(x))``
-and ``x = self.conv(x); x = self.bn(x)``, each module named nowhere else);
+source proves are taken (:mod:`.source_pairs`: ``self.bn(self.conv(x))``,
+``x = self.conv(x); x = self.bn(x)``, or a helper method returning the
+conv's output handed to the BN, each module named nowhere else);
 it loses only the other pairs it calls directly; its children are frames of
 their own.
 
@@ -429,8 +430,9 @@ class _Traces:
         self, frame_name: str, frame: nn.Module, found: SourcePairs
     ) -> None:
         """The pairs that the source of an untraceable frame proves
-        (:mod:`.source_pairs`): called at one place, through the forward's
-        own code."""
+        (:mod:`.source_pairs`): called at one place, through the chain the
+        source shows (the forward's own code, or a helper's then the
+        forward's)."""
         for callee in found.callees:
             self.call_sites[id(frame._modules[callee])].add(frame_name)
         chains = self.chains.setdefault(frame_name, {})
@@ -439,7 +441,7 @@ class _Traces:
             self.bn_verdicts[bn_name].append(Verdict.pair(conv_name))
             self.conv_users[conv_name].append(bn_name)
             self.bn_frame[bn_name] = frame_name
-            chains[conv] = {(found.code,)}
+            chains[conv] = {found.chains[conv]}
         self.frames[frame_name] = frame
 
     def _scan(self, graph: fx.Graph, frame: nn.Module, frame_name: str):
