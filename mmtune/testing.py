@@ -44,29 +44,37 @@ def find_conv_bn_pairs_at_runtime(
     Returns:
         list[tuple[str, str]]: Qualified names, in call order.
     """
-    produced: Dict[int, Tuple[str, Tensor]] = {}
+    produced: Dict[int, Tuple[nn.Module, Tensor]] = {}
     pairs: List[Tuple[str, str]] = []
     handles = []
+    # a module shared by several parents has several names: a conv is
+    # named as the one in the BN's parent when it is there
+    all_names: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        all_names.setdefault(id(module), []).append(name)
 
-    def conv_hook(name):
-        def hook(module, inputs, output):
-            if isinstance(output, Tensor):
-                produced[id(output)] = (name, output)
+    def conv_name(conv: nn.Module, bn_name: str) -> str:
+        names = all_names[id(conv)]
+        parent = bn_name.rpartition('.')[0]
+        same = [n for n in names if n.rpartition('.')[0] == parent]
+        return (same or names)[0]
 
-        return hook
+    def conv_hook(module, inputs, output):
+        if isinstance(output, Tensor):
+            produced[id(output)] = (module, output)
 
     def bn_hook(name):
         def hook(module, inputs):
             if inputs and isinstance(inputs[0], Tensor):
                 found = produced.get(id(inputs[0]))
                 if found is not None and found[1] is inputs[0]:
-                    pairs.append((found[0], name))
+                    pairs.append((conv_name(found[0], name), name))
 
         return hook
 
     for name, module in model.named_modules():
         if isinstance(module, _ConvNd):
-            handles.append(module.register_forward_hook(conv_hook(name)))
+            handles.append(module.register_forward_hook(conv_hook))
         elif isinstance(module, _BatchNorm):
             handles.append(module.register_forward_pre_hook(bn_hook(name)))
     try:

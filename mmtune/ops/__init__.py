@@ -10,7 +10,11 @@ from .conv_bn import (
     fold_conv_bn,
     fold_modules,
 )
-from .conv_folded import conv_forward_folded, observe_saved_tensors
+from .conv_folded import (
+    conv_forward_folded,
+    is_compiling,
+    observe_saved_tensors,
+)
 from .fold_group import FoldGroupPlan, fold_conv_bn_group
 
 __all__ = [
@@ -23,6 +27,7 @@ __all__ = [
     'ConvBNFold',
     'conv_forward_folded',
     'observe_saved_tensors',
+    'is_compiling',
     'FoldGroupPlan',
     'fold_conv_bn_group',
 ]

@@ -46,7 +46,8 @@ _functorch_stack = getattr(
     'peek_interpreter_stack',
     lambda: None,
 )
-_is_compiling = getattr(
+#: Whether ``torch.compile`` is tracing (False on torch without it).
+is_compiling = getattr(
     getattr(torch, 'compiler', None), 'is_compiling', lambda: False
 )
 
@@ -194,7 +195,7 @@ def conv_forward_folded(
     """
     weight, bias = fold.weight, fold.bias
     if (
-        _is_compiling()  # first: torch.compile traces no further
+        is_compiling()  # first: torch.compile traces no further
         or not torch.is_grad_enabled()
         or not (weight.requires_grad or x.requires_grad)
     ):

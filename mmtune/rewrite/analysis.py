@@ -676,11 +676,27 @@ class _Decisions:
 
     def _sites_problem(self, conv_name: str, bn_name: str) -> Optional[str]:
         for name in (conv_name, bn_name):
-            sites = self.traces.call_sites.get(id(self.modules[name]), set())
-            if len(sites) > 1:
+            module = self.modules[name]
+            sites = self.traces.call_sites.get(id(module), set())
+            if len(sites) > 1 and not (
+                name == conv_name and self._armed_at_every_site(module, sites)
+            ):
                 where = ', '.join(sorted(s or '<model>' for s in sites))
                 return f'{name} is called from several places ({where})'
         return None
+
+    def _armed_at_every_site(self, conv: nn.Module, sites: Set[str]) -> bool:
+        """Whether every frame that calls ``conv`` is a handled frame
+        whose pair is ``conv`` and a BN of its own (a head's conv shared by
+        the ``ConvModule`` of every level): each call is then armed by its
+        frame, for its own BN (:class:`~.tune_mode.SharedConv`)."""
+        for site in sites:
+            handled = self.traces.handled.get(site)
+            if handled is None or handled.found.pair is None:
+                return False
+            if handled.frame.get_submodule(handled.found.pair[0]) is not conv:
+                return False
+        return True
 
     def _accept(
         self,

@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..ops import ConvBNFold, FoldGroupPlan, fold_conv_bn_group
+from ..ops import ConvBNFold, FoldGroupPlan, fold_conv_bn_group, is_compiling
 
 
 def _private(module, name):
@@ -62,16 +62,11 @@ _functorch_stack = _private(
 _CAN_BATCH = None not in (_graph_task_id, _saved_tensors_hooks)
 
 
-_is_compiling = getattr(
-    getattr(torch, 'compiler', None), 'is_compiling', lambda: False
-)
-
-
 def batch_allowed() -> bool:
     """Whether a pair called now may take a batch-folded weight."""
     return (
         _CAN_BATCH
-        and not _is_compiling()  # first: torch.compile traces no further
+        and not is_compiling()  # first: torch.compile traces no further
         and _graph_task_id() == -1
         and _saved_tensors_hooks(False) is None
         and (_functorch_stack is None or _functorch_stack() is None)

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import Tensor, nn
 
-from ..ops import conv_forward_folded, fold_modules
+from ..ops import conv_forward_folded, fold_modules, is_compiling
 from .analysis import (
     CHECKPOINT,
     CHECKPOINT_FILE,
@@ -47,7 +47,7 @@ from .analysis import (
     find_pairs,
     resolve_roots,
 )
-from .fold_batch import FoldBatch, _is_compiling, check_batch_arg
+from .fold_batch import FoldBatch, check_batch_arg
 from .guards import (
     bn_type_problem,
     conv_type_problem,
@@ -229,6 +229,9 @@ class TunePair:
             self.batch = batch
             self.index = batch.add(conv, bn, pair.conv_name)
         self.disabled = False
+        #: the object and function installed as the conv's forward: this
+        #: pair's own, or a :class:`SharedConv` that dispatches to it
+        self.conv_owner: tuple = (self, TunePair.conv_forward)
         self._reset()
 
     def _reset(self) -> None:
@@ -245,6 +248,7 @@ class TunePair:
         conv_fn, bn_fn = self.conv_forward, self.bn_forward
         self.conv.forward = conv_fn
         self.bn.forward = bn_fn
+        self.conv_owner = (self, TunePair.conv_forward)
         self._installed = (conv_fn, bn_fn)
 
     _TRANSIENT = ('pending', 'armed', 'folded', 'computed', '_installed')
@@ -257,7 +261,8 @@ class TunePair:
         known = self._installed
         if conv_fn is known[0] and bn_fn is known[1]:
             return True
-        if _installed(self.conv, self, TunePair.conv_forward) and _installed(
+        owner, function = self.conv_owner
+        if _installed(self.conv, owner, function) and _installed(
             self.bn, self, TunePair.bn_forward
         ):
             self._installed = (conv_fn, bn_fn)
@@ -351,7 +356,7 @@ class TunePair:
             return reason
         if self.chains is None:
             return None if self.armed else NOT_ARMED
-        if _is_compiling() or chain_matches(sys._getframe(2), self.chains):
+        if is_compiling() or chain_matches(sys._getframe(2), self.chains):
             return None
         return CALLER
 
@@ -403,6 +408,41 @@ class TunePair:
         return type(self.bn).forward(self.bn, *args, **kwargs)
 
 
+class SharedConv:
+    """The forward of a conv that several handled frames share, each with
+    its own BN (e.g. a detection head whose ``ConvModule``s of every level
+    share one conv and keep one BN per level): a call runs the pair whose
+    frame armed it (:attr:`TunePair.armed`), so each frame folds its own
+    BN. A call that no frame armed computes as the conv does; it is counted
+    on the first pair, as not armed.
+
+    Args:
+        conv (nn.Module): The shared conv.
+        pairs (list[TunePair]): Its pairs, each armed by a frame handler.
+    """
+
+    _mmtune_forward_owner = True
+
+    def __init__(self, conv: nn.Module, pairs: List['TunePair']):
+        self.conv = conv
+        self.pairs = list(pairs)
+
+    def install(self) -> None:
+        """Make :meth:`forward` the conv's instance forward, and each
+        pair's BN forward its own."""
+        self.conv.forward = self.forward
+        for pair in self.pairs:
+            pair.bn.forward = pair.bn_forward
+            pair.conv_owner = (self, SharedConv.forward)
+            pair._installed = (None, None)
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        for pair in self.pairs:
+            if pair.armed:
+                return pair.conv_forward(*args, **kwargs)
+        return self.pairs[0].conv_forward(*args, **kwargs)
+
+
 class ForwardScope:
     """One call of the model that was turned on: its forward pre-hook and
     forward hook. Whatever tune mode folds inside the call is let go when
@@ -422,7 +462,7 @@ class ForwardScope:
         self.depth = 0
 
     def enter(self, module, args) -> None:
-        if _is_compiling():
+        if is_compiling():
             return
         self.depth += 1
         if self.depth == 1:
@@ -432,21 +472,45 @@ class ForwardScope:
                 self.batch.open()
 
     def exit(self, module, args, output) -> None:
-        if _is_compiling() or self.depth == 0:
+        if is_compiling() or self.depth == 0:
             return
         self.depth -= 1
         if self.depth == 0 and self.batch is not None:
             self.batch.close()
 
 
+def conv_runtimes(conv: nn.Module) -> List[TunePair]:
+    """The :class:`TunePair` objects whose conv is ``conv`` (several when
+    a :class:`SharedConv` dispatches to them)."""
+    owner = getattr(instance_forward(conv), '__self__', None)
+    if isinstance(owner, SharedConv) and owner.conv is conv:
+        return list(owner.pairs)
+    if isinstance(owner, TunePair) and owner.conv is conv:
+        return [owner]
+    return []
+
+
 def _install(pair: Pair, batch: Optional[FoldBatch]) -> Optional[TunePair]:
     """Put one pair in tune mode; None if it already was."""
-    if is_mmtune_forward(instance_forward(pair.conv)):
+    current = conv_runtimes(pair.conv)
+    if current:
+        # a conv shared by frames that a handler arms takes one pair per
+        # frame; the analysis admits no other sharing
+        if (
+            any(runtime.bn is pair.bn for runtime in current)
+            or pair.handler is None
+            or any(runtime.chains is not None for runtime in current)
+        ):
+            return None  # on already
+    elif is_mmtune_forward(instance_forward(pair.conv)):
         return None
     if pair.handler is not None and not pair.handler.turn_on(pair.frame):
         return None
     runtime = TunePair(pair, batch)
-    runtime.install()
+    if current:
+        SharedConv(pair.conv, current + [runtime]).install()
+    else:
+        runtime.install()
     if pair.handler is not None:
         pair.handler.attach(pair.frame, runtime)
     return runtime
@@ -482,7 +546,9 @@ def _tune_report(
         report.converted.append(names)
         if runtime is None:
             report.already_on += 1
-        owner = tune_pair_of(pair.conv)
+        owner = runtime or next(
+            (r for r in conv_runtimes(pair.conv) if r.bn is pair.bn), None
+        )
         if owner is not None:
             report.runtimes[names] = owner
     return report
@@ -537,17 +603,18 @@ def turn_on_fast_conv_bn_eval(
 
 def tune_pair_of(conv: nn.Module) -> Optional[TunePair]:
     """The :class:`TunePair` whose conv is ``conv``, if it is in tune
-    mode."""
-    owner = getattr(instance_forward(conv), '__self__', None)
-    if isinstance(owner, TunePair) and owner.conv is conv:
-        return owner
-    return None
+    mode (the first of them for a :class:`SharedConv`)."""
+    runtimes = conv_runtimes(conv)
+    return runtimes[0] if runtimes else None
 
 
 def tune_pairs(model: nn.Module) -> List[TunePair]:
     """The :class:`TunePair` of every pair of ``model`` in tune mode."""
-    found = (tune_pair_of(module) for module in model.modules())
-    return [owner for owner in found if owner is not None]
+    return [
+        runtime
+        for module in model.modules()
+        for runtime in conv_runtimes(module)
+    ]
 
 
 def turn_off_fast_conv_bn_eval(model: nn.Module) -> int:
@@ -587,6 +654,8 @@ __all__ = [
     'tune_pair_of',
     'fold_forward',
     'TunePair',
+    'SharedConv',
+    'conv_runtimes',
     'ForwardScope',
     'SkipRecord',
 ]
