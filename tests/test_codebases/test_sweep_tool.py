@@ -24,14 +24,22 @@ def _tool():
     return module
 
 
-def test_cli_table():
-    out = run_python(
-        [TOOL, '--codebase', 'mmseg', '--only', 'Fast-SCNN', 'CGNet'],
+def test_cli_table(tmp_path):
+    table = tmp_path / 'sweep.md'
+    args = ['--codebase', 'mmseg', '--only', 'Fast-SCNN', 'CGNet']
+    run_python(
+        [TOOL, *args, '--out', str(table)],
         env=dict(os.environ),
         cwd=REPO,
         timeout=180,
     )
-    rows = [line for line in out.splitlines() if line.startswith('| ')]
+    out = table.read_text()
+    lines = [line for line in out.splitlines() if line]
+    # the file holds the tables alone, none of what the codebases log
+    assert lines[0] == '### mmseg', out
+    assert lines[1].startswith('mmseg 1.'), out
+    assert all(line.startswith('| ') for line in lines[2:]), out
+    rows = lines[2:]
     assert rows[0].startswith('| model (config) | oracle pairs |'), out
     assert len(rows) == 4, out  # header, separator, two models
     fast_scnn, cgnet = rows[2].split(' | '), rows[3].split(' | ')

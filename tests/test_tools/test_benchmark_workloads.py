@@ -197,6 +197,101 @@ def test_aggregate_shows_failures():
     assert row.count(' | ') == table.splitlines()[0].count(' | ')
 
 
+def test_floor_table_pairs_runs():
+    runs = [
+        ok(
+            1,
+            record(
+                eval=(1000, 1, 100),
+                tune=(700, 1, 120),
+                fold_floor=(700, 1, 100),
+            ),
+        ),
+        ok(
+            2,
+            record(
+                eval=(1000, 1, 100),
+                tune=(707, 1, 90),
+                fold_floor=(700, 1, 100),
+            ),
+        ),
+        ok(
+            3,
+            record(
+                eval=(1000, 1, 100),
+                tune=(700, 1, 100),
+                fold_floor=(700, 1, 50),
+            ),
+        ),
+    ]
+    modes = ['eval', 'tune', 'fold-floor']
+    agg = bw.aggregate_workload(WORKLOAD, runs, modes)
+    (row,) = bw.floor_table([agg], modes).splitlines()[2:]
+    # per run: memory 1, 1.01, 1; time 1.2, 0.9, 2.0 (not 1.0 / 1.0,
+    # the medians' ratio); against eval 1.2, 0.9, 1.0
+    assert row == (
+        '| frcnn_r50_b2 | 1.0000 (1.0000-1.0100) | 1.20 (0.90-2.00) '
+        '| 1.00 (0.90-1.20) |'
+    )
+    assert bw.floor_table([agg], ['eval', 'tune']) == ''
+    # a run without fold-floor: the runs cannot be paired
+    runs[1] = ok(2, record(eval=(1000, 1, 100), tune=(707, 1, 90)))
+    agg = bw.aggregate_workload(WORKLOAD, runs, modes)
+    (row,) = bw.floor_table([agg], modes).splitlines()[2:]
+    assert row == '| frcnn_r50_b2 | n/a | n/a | 1.00 (0.90-1.20) |'
+
+
+def _write_part(path, names, steps=10, torch_version='2.x'):
+    aggregates = [
+        bw.aggregate_workload(
+            dict(WORKLOAD, name=name, title=name),
+            [ok(1, record(eval=(1000, 1, 100), tune=(700, 1, 110)))],
+            ['eval', 'tune'],
+        )
+        for name in names
+    ]
+    settings = dict(
+        command=f'part {path.name}',
+        repeats=1,
+        steps=steps,
+        warmup=3,
+        modes=['eval', 'tune'],
+        device='cuda',
+        extra=[],
+    )
+    env = dict(torch=torch_version, device_name='Some GPU', batch_shape=[1])
+    path.write_text(
+        json.dumps(
+            dict(settings=settings, environment=env, workloads=aggregates)
+        )
+    )
+    return str(path)
+
+
+def test_merge_parts(tmp_path, capsys):
+    first = _write_part(tmp_path / 'a.json', ['rn50_cls_b64_fp32', 'x'])
+    second = _write_part(
+        tmp_path / 'b.json', ['frcnn_r50_b2', 'rn50_cls_b64_fp32']
+    )
+    out = tmp_path / 'merged'
+    assert bw.main(['--merge', first, second, '--out-dir', str(out)]) == 0
+    data = json.loads((out / 'workloads.json').read_text())
+    # the order of WORKLOADS, unknown names last, a workload once
+    names = [a['name'] for a in data['workloads']]
+    assert names == ['frcnn_r50_b2', 'rn50_cls_b64_fp32', 'x']
+    assert data['settings']['parts'] == ['part a.json', 'part b.json']
+    text = (out / 'workloads.md').read_text()
+    assert 'Command: `part a.json`, merged, `part b.json`' in text
+    # parts made with other settings or on another stack: refused, named
+    for bad in (
+        _write_part(tmp_path / 'c.json', ['x'], steps=5),
+        _write_part(tmp_path / 'd.json', ['x'], torch_version='2.y'),
+    ):
+        assert bw.main(['--merge', first, bad, '--out-dir', str(out)]) == 2
+        err = capsys.readouterr().err
+        assert bad in err and ('steps is 5' in err or "'2.y'" in err), err
+
+
 def test_cli_end_to_end_cpu(tmp_path):
     out = tmp_path / 'out'
     text = run_python(
@@ -224,7 +319,12 @@ def test_cli_end_to_end_cpu(tmp_path):
         timeout=240,
     )
     assert '[rep 2/2] rn50_cls_b64_fp32: ok' in text
-    table = (out / 'workloads.md').read_text()
+    text = (out / 'workloads.md').read_text()
+    table, floor = text.split('Tune mode against deploy-mode cost')
+    floor_rows = [line for line in floor.splitlines() if line.startswith('|')]
+    assert floor_rows[0].startswith('| workload | tune / fold-floor step')
+    assert floor_rows[2].startswith('| rn50_cls_b64_fp32 | ')
+    assert 'n/a' not in floor_rows[2]
     rows = [line for line in table.splitlines() if line.startswith('| ')]
     assert rows[1].startswith('| --- |')
     del rows[1]

@@ -35,7 +35,14 @@ run's output under ``OUT_DIR/<workload>/rep<k>/`` (the tool's
 A run that fails is shown in the table with the last lines of its stderr and
 the others go on. ``--resume`` keeps the runs that already succeeded in
 ``--out-dir`` (to split the work over several commands, or to re-make the
-table). Exit status 1 if a run or a mode failed.
+table). ``--merge A/workloads.json B/workloads.json ...`` runs nothing: it
+writes one table of the workloads of several such files (parts run on
+machines whose run directories did not come back), a later file's workload
+replacing an earlier one's. Exit status 1 if a run or a mode failed.
+
+Below the table, where tune and fold-floor both ran: tune mode against
+deploy-mode cost, per run (tune / fold-floor step peak and median step,
+tune / eval median step), median (min-max) over the runs.
 """
 
 import argparse
@@ -416,6 +423,49 @@ def markdown_table(aggregates: Sequence[dict], modes: Sequence[str]) -> str:
     return '\n'.join(lines)
 
 
+def _per_run(agg: dict, mode: str, key: str) -> Optional[List[float]]:
+    """``key``'s value of ``mode`` in every successful run, in run order, or
+    None where a run lacks it (then runs cannot be paired)."""
+    summary = (agg['modes'].get(mode) or {}).get(key)
+    if summary is None or summary['n'] != agg['ok_runs']:
+        return None
+    return summary['values']
+
+
+def _paired_ratio(agg: dict, key: str, mode: str, other: str) -> str:
+    """``mode / other`` of ``key`` run by run, as :func:`format_spread`."""
+    num, den = _per_run(agg, mode, key), _per_run(agg, other, key)
+    if num is None or den is None:
+        return 'n/a'
+    fmt = '{:.4f}' if key == 'memory_mib' else '{:.2f}'
+    return format_spread(summarize(map(_div, num, den)), fmt)
+
+
+def floor_table(aggregates: Sequence[dict], modes: Sequence[str]) -> str:
+    """Tune mode against deploy-mode cost: per workload, tune / fold-floor
+    step peak and median step time and tune / baseline median step time,
+    each paired run by run ('' unless tune and fold-floor both ran)."""
+    base = modes[0] if modes else BASELINE
+    if 'tune' not in modes or 'fold-floor' not in modes:
+        return ''
+    lines = [
+        '| workload | tune / fold-floor step peak | tune / fold-floor median '
+        f'step | tune / {base} median step |',
+        '| --- | ---: | ---: | ---: |',
+    ]
+    for agg in aggregates:
+        if not agg['ok_runs']:
+            continue
+        cells = [
+            agg['name'],
+            _paired_ratio(agg, 'memory_mib', 'tune', 'fold-floor'),
+            _paired_ratio(agg, 'median_step_ms', 'tune', 'fold-floor'),
+            _paired_ratio(agg, 'median_step_ms', 'tune', base),
+        ]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
 def failures_section(aggregates: Sequence[dict]) -> str:
     """The errors of the failed runs and modes, in full, for below the
     table ('' if there are none)."""
@@ -481,10 +531,11 @@ def report_markdown(
         "the mode's model came to the GPU: weights, gradients and "
         'optimizer state count)'
     )
+    commands = settings.get('parts') or [settings.get('command', '')]
     header = [
         f'# Tune mode on {len(aggregates)} workload(s): {device}',
         '',
-        f'Command: `{settings.get("command", "")}`',
+        'Command: ' + ', merged, '.join(f'`{c}`' for c in commands),
         '',
         f'Each workload run {settings.get("repeats")} times by '
         f'tools/analysis_tools/benchmark_fast_conv_bn_eval.py, a fresh '
@@ -506,6 +557,15 @@ def report_markdown(
         )
         header += [f'Environment: {env}', '']
     parts = header + [markdown_table(aggregates, modes), '']
+    floor = floor_table(aggregates, modes)
+    if floor:
+        parts += [
+            'Tune mode against deploy-mode cost, ratios paired run by run, '
+            'median (min-max):',
+            '',
+            floor,
+            '',
+        ]
     failures = failures_section(aggregates)
     if failures:
         parts += [failures, '']
@@ -650,10 +710,69 @@ def write_outputs(
         device=args.device,
         extra=list(args.extra),
     )
-    markdown = report_markdown(aggregates, args.modes, settings, environment)
-    with open(osp.join(args.out_dir, 'workloads.md'), 'w') as f:
+    return write_report(args.out_dir, aggregates, settings, environment)
+
+
+def merge_reports(paths: Sequence[str]) -> tuple:
+    """The aggregates, settings and environment of several
+    ``workloads.json``: their workloads in :data:`WORKLOADS` order, a later
+    file's replacing an earlier one's; the settings of the first file with
+    ``parts``, every file's command. Raises ValueError if the files differ
+    in repetitions, steps, warm-up, modes, device, extra arguments or
+    environment (but the batch shape and precision, which are the
+    workload's): their ratios would not be comparable."""
+    same = ('repeats', 'steps', 'warmup', 'modes', 'device', 'extra')
+    # what a run's environment says of its workload, not of the machine
+    per_workload = ('batch_shape', 'precision')
+    by_name: Dict[str, dict] = {}
+    settings = environment = None
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        these = data.get('settings') or {}
+        if settings is None:
+            settings, environment = dict(these), data.get('environment')
+        for key in same:
+            if these.get(key) != settings.get(key):
+                raise ValueError(
+                    f'{path}: {key} is {these.get(key)!r}, but '
+                    f'{paths[0]} has {settings.get(key)!r}: runs made with '
+                    'other settings cannot share one table'
+                )
+        theirs, ours = (
+            {k: v for k, v in (env or {}).items() if k not in per_workload}
+            for env in (data.get('environment'), environment)
+        )
+        if theirs != ours:
+            raise ValueError(
+                f'{path}: environment {theirs!r} differs from '
+                f"{paths[0]}'s {ours!r}"
+            )
+        parts += these.get('parts') or [these.get('command', '')]
+        for agg in data.get('workloads', []):
+            by_name[agg['name']] = agg
+    order = {name: i for i, name in enumerate(WORKLOAD_NAMES)}
+    aggregates = sorted(
+        by_name.values(), key=lambda a: order.get(a['name'], len(order))
+    )
+    settings['parts'] = parts
+    return aggregates, settings, environment
+
+
+def write_report(
+    out_dir: str,
+    aggregates: Sequence[dict],
+    settings: dict,
+    environment: Optional[dict],
+) -> str:
+    """Write ``workloads.md`` and ``workloads.json`` into ``out_dir``;
+    return the markdown."""
+    modes = settings.get('modes') or list(DEFAULT_MODES)
+    markdown = report_markdown(aggregates, modes, settings, environment)
+    with open(osp.join(out_dir, 'workloads.md'), 'w') as f:
         f.write(markdown)
-    with open(osp.join(args.out_dir, 'workloads.json'), 'w') as f:
+    with open(osp.join(out_dir, 'workloads.json'), 'w') as f:
         json.dump(
             dict(
                 settings=settings,
@@ -739,6 +858,13 @@ def parse_args(argv=None):
     parser.add_argument(
         '--list', action='store_true', help='list the workloads and exit'
     )
+    parser.add_argument(
+        '--merge',
+        nargs='+',
+        metavar='JSON',
+        help='run nothing: write one table into --out-dir from these '
+        'workloads.json files (parts of the work run elsewhere)',
+    )
     args, extra = parser.parse_known_args(argv)
     if extra and extra[0] == '--':
         extra = extra[1:]
@@ -772,6 +898,15 @@ def main(argv=None) -> int:
                 f'paper={paper:7s} configs/benchmark/{w["config"]}'
             )
         return 0
+    if args.merge:
+        try:
+            aggregates, settings, environment = merge_reports(args.merge)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f'--merge: {exc}', file=sys.stderr)
+            return 2
+        os.makedirs(args.out_dir, exist_ok=True)
+        print(write_report(args.out_dir, aggregates, settings, environment))
+        return 1 if any_failure(aggregates) else 0
     selected = [
         w for w in WORKLOADS if args.only is None or w['name'] in args.only
     ]

@@ -4,6 +4,7 @@ mmpose, built from each codebase's own installed configs.
 
     python tools/analysis_tools/sweep_conv_bn_coverage.py
     python tools/analysis_tools/sweep_conv_bn_coverage.py --codebase mmseg
+    python tools/analysis_tools/sweep_conv_bn_coverage.py --out sweep.md
 
 For one model per BN backbone family (``mmtune.testing.CODEBASE_MODELS``):
 the model is built with ``init_cfg=None`` everywhere, random non-trivial
@@ -20,7 +21,8 @@ grouped, with module names replaced by their class names. A model that
 cannot be built or run gets a row that says why. Exit status 1 when a
 model failed, an oracle pair was missed, a converted pair did not fold at
 every call or an output differs by more than ``--rtol`` (relative to the
-largest output magnitude, at least 1).
+largest output magnitude, at least 1). With ``--out`` the tables go to
+that file alone and what the codebases log stays on the terminal.
 """
 
 import argparse
@@ -164,15 +166,25 @@ def main(argv=None):
     parser.add_argument(
         '--threads', type=int, help='torch.set_num_threads (default: torch)'
     )
+    parser.add_argument(
+        '--out',
+        help='write the tables to this file, not to stdout (the codebases '
+        'log to stdout; default: stdout)',
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     codebases = args.codebase or [
         c for c in CODEBASES if importlib.util.find_spec(c) is not None
     ]
+    out = open(args.out, 'w') if args.out else sys.stdout
     ok = True
-    for codebase in codebases:
-        ok &= sweep(codebase, args.rtol, args.only)
+    try:
+        for codebase in codebases:
+            ok &= sweep(codebase, args.rtol, args.only, out)
+    finally:
+        if args.out:
+            out.close()
     return 0 if ok else 1
 
 
