@@ -30,13 +30,7 @@ try:
 except ImportError:  # not on Windows: the atomic rename alone protects it
     fcntl = None
 
-__all__ = [
-    'DEMO_COCO_CLASSES',
-    'DEMO_DATA_ENV',
-    'default_demo_root',
-    'generate_demo_coco',
-    'prepare_demo_data',
-]
+from mmtune.utils import options_switch
 
 #: Class names in category-id order (ids start at 1, as in COCO).
 DEMO_COCO_CLASSES = ('square', 'circle', 'triangle')
@@ -162,16 +156,13 @@ def prepare_demo_data(cfg: Mapping) -> Optional[str]:
         str, optional: The dataset root, or None if the config has no
         ``demo_data`` (or it is False).
     """
-    demo = cfg.get('demo_data')
-    if demo is None or demo is False:
+    demo = options_switch(
+        cfg.get('demo_data'),
+        'demo_data',
+        'dict(num_train=64, num_val=16) (generate_demo_coco arguments)',
+    )
+    if demo is None:
         return None
-    if demo is True:
-        demo = {}
-    if not isinstance(demo, Mapping):
-        raise TypeError(
-            'demo_data must be a bool or a dict of '
-            f'generate_demo_coco arguments, but got {demo!r}'
-        )
     return generate_demo_coco(**demo)
 
 

@@ -76,12 +76,9 @@ def update_bn_stats(
         model (nn.Module): The model; mmengine's model wrappers
             (``MMDistributedDataParallel``, ...) and torch's
             ``DataParallel`` and ``DistributedDataParallel`` are unwrapped.
-        data_loader (Iterable): The batches, usually the training data
-            loader (with training augmentation). It may be shorter than
-            needed, have no ``len`` or no ``batch_size`` (batch samplers),
-            and differ in length between ranks.
-        num_samples (int): How many samples to use over all ranks, rounded
-            up to whole iterations. Defaults to 8192.
+        data_loader (Iterable): As in
+            :func:`mmtune.precise_bn.update_bn_stats`.
+        num_samples (int): As there. Defaults to 8192.
         device (torch.device, optional): Where to move the input of a model
             that is not an mmengine one (mmengine's data preprocessor moves
             its own). Defaults to None (no move).

@@ -1,7 +1,7 @@
 # Copyright (c) mmtune contributors. All rights reserved.
 """``PreciseBNHook`` and the ``precise_bn`` config key."""
 
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
@@ -9,6 +9,7 @@ from mmengine.runner import IterBasedTrainLoop
 
 from mmtune.engine.precise_bn import update_bn_stats
 from mmtune.registry import register_hook
+from mmtune.utils import options_switch
 
 __all__ = ['PreciseBNHook', 'precise_bn_hook_cfg']
 
@@ -170,16 +171,11 @@ def precise_bn_hook_cfg(value: Any) -> Optional[dict]:
         ValueError: ``value`` has an unknown key or a value that is not
             positive.
     """
-    if value is None or value is False:
+    value = options_switch(
+        value, 'precise_bn', 'dict(num_samples=8192, interval=1)'
+    )
+    if value is None:
         return None
-    if value is True:
-        value = {}
-    if not isinstance(value, Mapping):
-        raise TypeError(
-            '`precise_bn` must be a dict like dict(num_samples=8192, '
-            f'interval=1), True or None, but got {value!r} of type '
-            f'{type(value).__name__}'
-        )
     unknown = sorted(set(value) - set(_DEFAULTS))
     if unknown:
         raise ValueError(
