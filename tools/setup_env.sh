@@ -6,7 +6,7 @@
 # mmdet 3.3.0, the test tools, mmseg 1.2.2, mmpretrain 1.2.0 and mmpose
 # 1.3.2 (requirements/codebases.txt, without torchvision) and mmtune itself
 # in editable mode.
-# Building mmcv takes about 22 minutes on 2 cores the first time; pip caches
+# Building mmcv takes up to 22 minutes on 2 cores the first time; pip caches
 # the wheel, and a second run with nothing changed takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +37,7 @@ echo "[setup] installing torch, mmengine, mmdet and the test tools"
 "${PIP[@]}" install -q -r requirements/cpu.txt -r requirements/tests.txt
 
 if ! "$VENV/bin/python" -c 'import mmcv.ops' 2>/dev/null; then
-    echo "[setup] building mmcv 2.1.0 with ops (about 22 min the first" \
+    echo "[setup] building mmcv 2.1.0 with ops (up to 22 min the first" \
         "time, then cached by pip)"
     # mmcv 2.1.0's setup.py builds with setuptools<70 (pkg_resources).
     "${PIP[@]}" install -q 'setuptools<70'
