@@ -236,3 +236,80 @@ def test_rtmdet_tiny_whole_detector(batch):
     report.reset_counts()
     assert compare_models(Tensor(ref), Tensor(model), [x], rtol=1e-9) == []
     _assert_folded_every_call(report)
+
+
+def _replace_level_1_bn(model):
+    module = model.head.cls_convs[1][0]
+    bn = nn.BatchNorm2d(8).double().eval()
+    randomize_bn(bn)
+    setattr(module, module.norm_name, bn)
+
+
+def _replace_level_1_conv(model):
+    module = model.head.cls_convs[1][0]
+    torch.manual_seed(3)
+    module.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False).double()
+
+
+def _hook_on_the_shared_conv(model, seen):
+    conv = model.head.cls_convs[0][0].conv
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+
+
+def _write_level_2_stats(model):
+    bn = model.head.cls_convs[2][0].bn
+    with torch.no_grad():
+        bn.running_var.data.mul_(3.0)
+        bn.running_mean.data.add_(0.5)
+        bn.weight.data.copy_(torch.linspace(-1.5, 1.5, bn.num_features))
+
+
+@pytest.mark.parametrize('batch', [False, True], ids=['alone', 'batched'])
+@pytest.mark.parametrize(
+    'change', ['replace_bn', 'replace_conv', 'hook', 'data_writes']
+)
+def test_changes_after_turn_on(batch, change):
+    """What a user does to one level after turn-on: the outputs and all
+    gradients stay eval mode's; the pairs it touches compute as the modules
+    do (counted), the others still fold."""
+    ref, tuned, report = _models(batch)
+    seen_ref, seen_tuned = [], []
+    for model, seen in ((ref, seen_ref), (tuned, seen_tuned)):
+        if change == 'replace_bn':
+            _replace_level_1_bn(model)
+        elif change == 'replace_conv':
+            _replace_level_1_conv(model)
+        elif change == 'hook':
+            _hook_on_the_shared_conv(model, seen)
+        else:
+            _write_level_2_stats(model)
+    report.reset_counts()
+    assert compare_models(ref, tuned, [_x()], rtol=1e-10) == []
+    counts = report.fold_counts()
+    # the first stacked conv, shared by the three levels
+    level = ('head.cls_convs.{}.0.conv', 'head.cls_convs.{}.0.bn')
+    touched = {
+        'replace_bn': [1],
+        'replace_conv': [1],
+        'hook': [0, 1, 2],  # the hook sees every level's conv output
+        'data_writes': [],  # the fold reads the new values
+    }[change]
+    for i in range(3):
+        names = tuple(name.format(i) for name in level)
+        c = counts[names]
+        if i not in touched:
+            assert c.folded >= 1 and not c.computed, (i, c)
+        elif change == 'replace_conv':
+            # the new conv runs its own forward and the BN computes as
+            # eval mode: the pair is not called, and the report says so
+            assert c.folded == 0 and not c.computed, (i, c)
+            assert report.runtime_summary().startswith(
+                'mmtune tune mode: 11 of 12 converted pairs folded at every '
+                'call; 1 were not called'
+            ), report.runtime_summary()
+        else:
+            assert c.folded == 0 and sum(c.computed.values()) >= 1, (i, c)
+    if change == 'hook':
+        assert len(seen_ref) == len(seen_tuned) == len(LEVELS)
+        for a, b in zip(seen_ref, seen_tuned):
+            assert torch.equal(a, b)
