@@ -204,11 +204,20 @@ def test_profile_tool_cpu():
 
 def test_host_overhead_tool_cpu():
     out = _run_tool(
-        'benchmark_host_overhead.py', '--steps', '2', '--device', 'cpu'
+        'benchmark_host_overhead.py',
+        '--steps',
+        '2',
+        '--device',
+        'cpu',
+        '--breakdown',
     )
     for mode in ('eval', 'tune', 'tune-alone', 'fold-floor'):
         assert f'| {mode} |' in out
+    for mode in ('tune-unchecked', 'tune-kept', 'tune-prefolded'):
+        assert f'| {mode} |' in out
     assert '| eval | ' in out and ' | 1.00 |' in out
+    assert '| the fold, forward and backward (tune-kept - ' in out
+    assert '| per-call Python: checks, conv wrapper, BN pass-through' in out
 
 
 def test_memory_timeline_tool_cpu():

@@ -27,6 +27,11 @@ keeps tune mode exact or lean):
   modes, types, hooks, the call chain) skipped;
 - ``tune-kept``: the folded weights kept for the backward, as before the
   recompute (:mod:`mmtune.ops.conv_folded`).
+- ``tune-prefolded``: ``tune-kept`` without the fold: each pair takes, at
+  every step, the fold of its first call, made trainable leaves (as the
+  floor's convs are), so no fold runs forward or backward. What is left
+  above ``fold-floor`` is the per-call Python: the checks, the conv
+  wrapper and the BN's pass-through.
 
 Prints a markdown table with forward, backward and step times and the
 ratios to eval mode, and the differences per converted pair. See
@@ -43,7 +48,7 @@ from unittest import mock
 import torch
 
 MODES = ('eval', 'tune', 'tune-alone', 'fold-floor')
-BREAKDOWN = ('tune-unchecked', 'tune-kept')
+BREAKDOWN = ('tune-unchecked', 'tune-kept', 'tune-prefolded')
 
 
 def build(mode: str, width: int, device: str) -> torch.nn.Module:
@@ -76,18 +81,52 @@ def build(mode: str, width: int, device: str) -> torch.nn.Module:
     return model
 
 
+#: ``tune-prefolded``: (batch id, index) -> the fold of the first call
+_PREFOLDED: dict = {}
+
+
+def _prefolded_take(take):
+    """``FoldBatch.take`` that gives each pair the fold of its first call,
+    as trainable leaves, at every later call (no fold runs)."""
+
+    def prefolded(batch, index):
+        key = (id(batch), index)
+        if key not in _PREFOLDED:
+            fold = take(batch, index)
+            if fold is None:
+                return None
+            _PREFOLDED[key] = fold._replace(
+                weight=fold.weight.detach().requires_grad_(),
+                bias=fold.bias.detach().requires_grad_(),
+            )
+        return _PREFOLDED[key]
+
+    return prefolded
+
+
 def _variant(mode: str):
     """The patch that makes ``tune`` the variant ``mode`` (for its steps
     only: modes run interleaved in one process)."""
     from mmtune.ops import conv_folded
+    from mmtune.rewrite.fold_batch import FoldBatch
     from mmtune.rewrite.tune_mode import TunePair
 
     if mode == 'tune-unchecked':
         return mock.patch.object(TunePair, 'refusal', lambda self: None)
-    if mode == 'tune-kept':
-        return mock.patch.object(
-            conv_folded, '_refold_hooks_allowed', lambda top: False
+    if mode in ('tune-kept', 'tune-prefolded'):
+        stack = contextlib.ExitStack()
+        stack.enter_context(
+            mock.patch.object(
+                conv_folded, '_refold_hooks_allowed', lambda top: False
+            )
         )
+        if mode == 'tune-prefolded':
+            stack.enter_context(
+                mock.patch.object(
+                    FoldBatch, 'take', _prefolded_take(FoldBatch.take)
+                )
+            )
+        return stack
     return contextlib.nullcontext()
 
 
@@ -167,6 +206,17 @@ def markdown(medians: dict, pairs: int = 0) -> str:
                 'recomputing folded weights (tune - tune-kept)',
                 'tune',
                 'tune-kept',
+            ),
+            (
+                'the fold, forward and backward (tune-kept - tune-prefolded)',
+                'tune-kept',
+                'tune-prefolded',
+            ),
+            (
+                'per-call Python: checks, conv wrapper, BN pass-through '
+                '(tune-prefolded - fold-floor)',
+                'tune-prefolded',
+                'fold-floor',
             ),
             ('folding pair by pair (tune-alone - tune)', 'tune-alone', 'tune'),
         ):
