@@ -34,6 +34,19 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> None:
             module.bias.copy_(torch.randn(n, generator=gen) * 0.5)
 
 
+@torch.no_grad()
+def randomize_model(
+    model: nn.Module, seed: int = 0, std: float = 0.5
+) -> nn.Module:
+    """``model`` with every parameter drawn from N(0, ``std``), then
+    :func:`randomize_bn`, in float64 and eval mode (returned)."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+    randomize_bn(model, seed)
+    return model.double().eval()
+
+
 def find_conv_bn_pairs_at_runtime(
     model: nn.Module, *args, forward: Optional[Callable] = None, **kwargs
 ) -> List[Tuple[str, str]]:

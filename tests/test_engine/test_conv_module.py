@@ -13,7 +13,11 @@ from mmcv.cnn.bricks import Conv2dAdaptivePadding, ConvWS2d
 from torch import nn
 
 from mmtune import turn_on_fast_conv_bn_eval
-from mmtune.testing import compare_models, count_batch_norm_calls, randomize_bn
+from mmtune.testing import (
+    compare_models,
+    count_batch_norm_calls,
+    randomize_model,
+)
 
 
 class Net(nn.Module):
@@ -29,12 +33,7 @@ class Net(nn.Module):
 
 def _models(batch=False, **call):
     torch.manual_seed(0)
-    ref = Net(**call)
-    for p in ref.parameters():
-        with torch.no_grad():
-            p.normal_(0, 0.5)
-    randomize_bn(ref)
-    ref = ref.double().eval()
+    ref = randomize_model(Net(**call))
     tuned = copy.deepcopy(ref)
     report = turn_on_fast_conv_bn_eval(tuned, batch=batch)
     assert len(report.converted) == 2, str(report)
@@ -84,12 +83,7 @@ def test_pre_hook_on_the_conv_runs_and_the_pair_folds(when):
         torch.manual_seed(0)
         ref, tuned = Net(), Net()
         for m in (ref, tuned):
-            torch.manual_seed(0)
-            for p in m.parameters():
-                with torch.no_grad():
-                    p.normal_(0, 0.5)
-            randomize_bn(m)
-            m.double().eval()
+            randomize_model(m)
             torch.nn.utils.weight_norm(m.a.conv)
             m.b.conv.register_forward_pre_hook(scale)
         report = turn_on_fast_conv_bn_eval(tuned, batch=False)

@@ -19,7 +19,11 @@ from torch import nn
 
 from mmtune import fuse_conv_bn, turn_on_fast_conv_bn_eval
 from mmtune.rewrite import register_foldable_conv
-from mmtune.testing import compare_models, count_batch_norm_calls, randomize_bn
+from mmtune.testing import (
+    compare_models,
+    count_batch_norm_calls,
+    randomize_model,
+)
 
 CONVS = {
     'adaptive_padding': lambda: Conv2dAdaptivePadding(3, 4, 3, stride=2),
@@ -42,15 +46,11 @@ class Pair(nn.Module):
 
 def _prepare(model):
     torch.manual_seed(0)
-    for p in model.parameters():
-        with torch.no_grad():
-            p.normal_(0, 0.5)
     for name, buf in model.named_buffers():
         if name.endswith(('weight_gamma', 'weight_beta')):
             with torch.no_grad():
                 buf.uniform_(0.5, 1.5)
-    randomize_bn(model)
-    return model.double().eval()
+    return randomize_model(model)
 
 
 def _x():

@@ -20,6 +20,7 @@ from mmtune.testing import (
     count_batch_norm_calls,
     find_conv_bn_pairs_at_runtime,
     randomize_bn,
+    randomize_model,
 )
 
 mmdet = pytest.importorskip('mmdet')
@@ -67,12 +68,7 @@ class _Head(nn.Module):
 
 
 def _models(batch):
-    ref = _Head()
-    for p in ref.parameters():
-        with torch.no_grad():
-            p.normal_(0, 0.5)
-    randomize_bn(ref)
-    ref = ref.double().eval()
+    ref = randomize_model(_Head())
     tuned = copy.deepcopy(ref)
     report = turn_on_fast_conv_bn_eval(tuned, batch=batch)
     return ref, tuned, report
