@@ -8,20 +8,28 @@ operations cost more time than eval mode's batch norm. Here a group of
 pairs folds in one autograd node, with few operations called from Python:
 
 - forward: the per-channel factors ``gamma / sqrt(var + eps)`` of all pairs
-  as one vector, cut into ``(C, 1, ..., 1)`` views in one C++ call, and one
-  multi-tensor multiply of all weights by their factors. The folded weights
+  as one vector, cut into ``(C, 1, ..., 1)`` views in one C++ call (what
+  each pair's convolution keeps to compute its folded weight again), and
+  one multi-tensor multiply of all weights by their factors repeated over
+  the weights' rows (tensors of equal shapes: a few CUDA kernels for all
+  pairs, where broadcasting factors costs one kernel and one operation call
+  per pair; the repeated factors, one weight-sized vector, are let go when
+  the fold returns). The folded weights
   are separate tensors, so each is freed as soon as its convolution's
   backward is done, as when folding pair by pair; all biases are one vector.
   Under autocast the products are rounded to the autocast dtype a run at a
   time (consecutive pairs whose weight rows have the same length: eleven
   runs for a ResNet-50);
-- backward: the weights' gradients in one multi-tensor multiply; the
-  ``gamma`` gradients need ``sum(grad * w)`` per output channel, one
-  multi-tensor multiply and one sum per run.
+- backward: the weights' gradients in one multi-tensor multiply (by the
+  repeated factors again); the ``gamma`` gradients need ``sum(grad * w)``
+  per output channel: one multi-tensor multiply, one flat copy of the
+  products and one sum per run. This backward runs after the backward
+  of every pair's convolution, when their activations are gone: the
+  products and the repeated factors it holds for a moment (about three
+  times the weights) are not at the step's peak.
 
 The values are those of :func:`fold_conv_bn`, element for element; the
-gradients are the same sums, accumulated in another order. No more than
-one run of products is held at a time in the backward.
+gradients are the same sums, accumulated in another order.
 
 The pairs' weights must be contiguous and have their output channels on
 dimension 0 (not transposed convs).
@@ -85,6 +93,26 @@ class FoldGroupPlan:
             else:
                 self.runs.append((i, i + 1, row, row + channels, length))
             row += channels
+        #: the elements of all weights
+        self.total = sum(self.numels)
+        self._repeats: dict = {}
+
+    def repeats(self, device) -> Tensor:
+        """Each output channel's row length (how often
+        :func:`_expanded` repeats its factor), on ``device``."""
+        repeats = self._repeats.get(device)
+        if repeats is None:
+            lengths = [n // c for n, c in zip(self.numels, self.channels)]
+            repeats = torch.tensor(
+                [
+                    length
+                    for length, c in zip(lengths, self.channels)
+                    for _ in range(c)
+                ],
+                dtype=torch.long,
+            ).to(device)
+            self._repeats[device] = repeats
+        return repeats
 
 
 # One C++ call each (no Python per tensor): all tensors as one flat copy,
@@ -93,15 +121,24 @@ _flatten = torch._C._nn.flatten_dense_tensors
 _unflatten = torch._C._nn.unflatten_dense_tensors
 
 
-def _fold_weights(
-    weights, factors: List[Tensor], plan: FoldGroupPlan
-) -> List[Tensor]:
+def _expanded(scale: Tensor, plan: FoldGroupPlan, like) -> List[Tensor]:
+    """Each pair's factors repeated over the rows of its weight: tensors
+    shaped like the weights ``like`` (views of one vector). A multi-tensor
+    multiply of tensors of equal shapes is a few kernels for all pairs; with
+    ``(C, 1, ..., 1)`` factors it broadcasts, and then it is one kernel and
+    one operation call per pair."""
+    full = torch.repeat_interleave(
+        scale, plan.repeats(scale.device), output_size=plan.total
+    )
+    return _unflatten(full, list(like))
+
+
+def _fold_weights(weights, scale: Tensor, plan: FoldGroupPlan) -> List[Tensor]:
     """Each weight times its output channels' factors, as separate tensors
     (each is freed with its convolution's saved tensors)."""
     weights = list(weights)
-    if torch.promote_types(weights[0].dtype, factors[0].dtype) == (
-        plan.out_dtype
-    ):
+    factors = _expanded(scale, plan, weights)
+    if torch.promote_types(weights[0].dtype, scale.dtype) == plan.out_dtype:
         return list(torch._foreach_mul(weights, factors))
     # autocast: computed in the weights' precision, then rounded once, a
     # run at a time (x * 1 makes separate tensors again)
@@ -118,7 +155,6 @@ def _weight_grads(
     weights,
     grads,
     scale: Tensor,
-    factors: List[Tensor],
     plan: FoldGroupPlan,
     need_w: bool,
     need_gamma: bool,
@@ -131,12 +167,18 @@ def _weight_grads(
     rows = None
     if need_gamma:
         rows = scale.new_zeros(scale.shape)
-        if len(used) == n:  # a run at a time: one sum per run
-            for p0, p1, r0, r1, length in plan.runs:
-                products = torch._foreach_mul(grads[p0:p1], weights[p0:p1])
-                flat = _flatten(products).to(scale.dtype)
-                del products
-                torch.sum(flat.view(r1 - r0, length), 1, out=rows[r0:r1])
+        if len(used) == n:  # all products at once, then one sum per run
+            products = torch._foreach_mul(list(grads[:n]), list(weights))
+            flat = _flatten(products).to(scale.dtype)
+            del products
+            start = 0
+            for _, _, r0, r1, length in plan.runs:
+                end = start + (r1 - r0) * length
+                torch.sum(
+                    flat[start:end].view(r1 - r0, length), 1, out=rows[r0:r1]
+                )
+                start = end
+            del flat
         else:
             row = 0
             for i, channels in enumerate(plan.channels):
@@ -149,6 +191,7 @@ def _weight_grads(
                     )
                 row += channels
     if need_w:
+        factors = _expanded(scale, plan, weights)
         if len(used) == n:
             got = torch._foreach_mul(list(grads[:n]), factors)
         else:
@@ -160,11 +203,11 @@ def _weight_grads(
     return grad_ws, rows
 
 
-def _fold(plan, weights, biases, betas, mean, scale, factors):
+def _fold(plan, weights, biases, betas, mean, scale):
     """The forward of :class:`_FoldGroup`: folded weights, folded bias and
     shift."""
     shift = mean.neg() if biases[0] is None else torch.cat(biases) - mean
-    outs = _fold_weights(weights, factors, plan)
+    outs = _fold_weights(weights, scale, plan)
     if betas[0] is None:
         folded_b = scale * shift
     else:
@@ -181,12 +224,12 @@ class _FoldGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, n, factored, *tensors):
-        scale, factors = factored
+        scale = factored[0]
         weights = tensors[:n]
         biases, betas = tensors[n : 2 * n], tensors[3 * n : 4 * n]
         mean, inv_std = tensors[4 * n], tensors[4 * n + 1]
         outs, folded_b, shift = _fold(
-            plan, weights, biases, betas, mean, scale, factors
+            plan, weights, biases, betas, mean, scale
         )
         ctx.plan, ctx.n = plan, n
         # Only the parameters are held, and per-channel vectors: the
@@ -214,7 +257,7 @@ class _FoldGroup(torch.autograd.Function):
         if not any(used):
             return (None,) * (3 + 4 * n + 2)
         shift, inv_std = ctx.saved_tensors
-        scale, factors = ctx.factored
+        scale = ctx.factored[0]
         dtype = scale.dtype
         if grad_b is None:
             grad_b = scale.new_zeros(scale.shape)
@@ -225,7 +268,7 @@ class _FoldGroup(torch.autograd.Function):
         need_gamma = any(needs[2 * n : 3 * n])
         grad_gamma = grad_bias = None
         grad_w, rows = _weight_grads(
-            weights, grad_ws, scale, factors, plan, need_w, need_gamma
+            weights, grad_ws, scale, plan, need_w, need_gamma
         )
         if need_gamma:
             grad_gamma = torch.addcmul(rows, grad_b, shift).mul_(inv_std)

@@ -141,7 +141,9 @@ def _batchable(conv: nn.Module, cp: dict, bp: dict, bb: dict) -> bool:
     )
 
 
-def _row_length(weight: Tensor) -> int:
+def _row_length(weight: Optional[Tensor]) -> int:
+    if weight is None:
+        return 0
     return weight.numel() // max(weight.shape[0], 1)
 
 
@@ -203,6 +205,7 @@ class FoldBatch:
         # nn.Module.__getattr__); built at the first call, since a copy or
         # an unpickled batch may get its modules before they are whole
         self._dicts: Optional[list] = None
+        self._order: List[int] = []
         self.folds = 0  # how many times the batch was folded
 
     def __getstate__(self):
@@ -246,10 +249,7 @@ class FoldBatch:
             return None
         dicts = self._dicts
         if dicts is None:
-            dicts = self._dicts = [
-                (conv, bn, conv._parameters, bn._parameters, bn._buffers)
-                for conv, bn, _ in self.members
-            ]
+            dicts = self._build_dicts()
         conv, bn, cp, bp, bb = dicts[index]
         weight = cp.get('weight')
         if weight is None:
@@ -273,11 +273,28 @@ class FoldBatch:
             return None
         return entry[0]
 
+    def _build_dicts(self) -> list:
+        self._dicts = [
+            (conv, bn, conv._parameters, bn._parameters, bn._buffers)
+            for conv, bn, _ in self.members
+        ]
+        # folded in the order of their weights' row lengths, so that equal
+        # lengths are next to each other (fewer runs to scale); a weight
+        # replaced by one of another shape later costs runs, not results
+        self._order = sorted(
+            range(len(self.members)),
+            key=lambda i: _row_length(self._dicts[i][2].get('weight')),
+        )
+        return self._dicts
+
     def _fold(self, key: tuple) -> _Folded:
         device, amp_dtype, grad_enabled = key
         groups: Dict[tuple, List[int]] = {}
         pair_tensors: Dict[int, tuple] = {}
-        for i, (conv, bn, cp, bp, bb) in enumerate(self._dicts):
+        stamps: Dict[int, tuple] = {}
+        dicts = self._dicts
+        for i in self._order:
+            conv, bn, cp, bp, bb = dicts[i]
             if (
                 bn.training
                 or not _batchable(conv, cp, bp, bb)
@@ -288,6 +305,7 @@ class FoldBatch:
             gamma, beta = bp['weight'], bp['bias']
             mean, var = bb['running_mean'], bb['running_var']
             pair_tensors[i] = (weight, bias, gamma, beta, mean, var)
+            stamps[i] = _stamp(bn, cp, bp, bb)
             group_key = (
                 weight.dtype,
                 var.dtype,
@@ -299,8 +317,6 @@ class FoldBatch:
             groups.setdefault(group_key, []).append(i)
         folded = _Folded()
         for (w_dtype, *_, record), indices in groups.items():
-            # equal row lengths next to each other: fewer runs to scale
-            indices.sort(key=lambda i: _row_length(pair_tensors[i][0]))
             # autocast would cast the folded weight for the conv anyway
             if amp_dtype is not None and w_dtype != torch.float64:
                 out_dtype = amp_dtype
@@ -308,7 +324,9 @@ class FoldBatch:
                 out_dtype = w_dtype
             tensors = [pair_tensors[i] for i in indices]
             with torch.set_grad_enabled(record):
-                self._fold_group(indices, tensors, device, out_dtype, folded)
+                self._fold_group(
+                    indices, tensors, stamps, device, out_dtype, folded
+                )
         self._folded[key] = folded
         self.folds += 1
         return folded
@@ -339,6 +357,7 @@ class FoldBatch:
         self,
         indices: List[int],
         tensors: List[tuple],
+        stamps: Dict[int, tuple],
         device,
         out_dtype,
         folded: _Folded,
@@ -351,8 +370,9 @@ class FoldBatch:
         folded_ws, bias, factors = fold_conv_bn_group(
             plan, weights, biases, gammas, betas, mean, inv_std
         )
-        dicts = self._dicts
         entries = folded.entries
+        # the inputs are held so that no other tensor can take their
+        # storage: an equal data_ptr in the stamp means the same tensor
         for i, w, b, factor, inputs in zip(
             indices,
             folded_ws,
@@ -360,12 +380,9 @@ class FoldBatch:
             factors,
             tensors,
         ):
-            _, bn, cp, bp, bb = dicts[i]
-            # the inputs are held so that no other tensor can take their
-            # storage: an equal data_ptr in the stamp means the same tensor
             entries[i] = [
                 ConvBNFold(w, b, inputs[0], factor),
-                _stamp(bn, cp, bp, bb),
+                stamps[i],
                 inputs,
             ]
         node = bias.grad_fn

@@ -16,13 +16,17 @@ from mmtune.ops import (
 )
 
 SHAPES = [(6, 4, 3, 3), (5, 2, 1, 1), (3, 6, 3), (4, 1, 2, 2, 2)]
+#: CUDA too where there is one (the GPU machine runs these tests): there
+#: the multi-tensor multiplies take their fast path
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 
 
-def _pairs(bias, affine, seed=0, dtype=torch.float64):
+def _pairs(bias, affine, seed=0, dtype=torch.float64, device='cpu'):
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape, lo=-1.0, hi=1.0):
-        return torch.rand(shape, generator=gen, dtype=dtype) * (hi - lo) + lo
+        x = torch.rand(shape, generator=gen, dtype=dtype) * (hi - lo) + lo
+        return x.to(device)
 
     pairs = []
     for shape in SHAPES:
@@ -105,6 +109,8 @@ def _loss(weights, bias, probes, used):
     return loss
 
 
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
 @pytest.mark.parametrize(
     'bias,affine,used',
     [
@@ -113,18 +119,15 @@ def _loss(weights, bias, probes, used):
         for u in ((True,) * 4, (True, False, True, False))
     ],
 )
-def test_group_matches_single_folds(bias, affine, used):
-    pairs = _pairs(bias, affine)
+def test_group_matches_single_folds(bias, affine, used, dtype, device):
+    pairs = _pairs(bias, affine, dtype=dtype, device=device)
     gen = torch.Generator().manual_seed(7)
-    probes = [
-        torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES
-    ]
+    probes = [torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES]
     probes.append(
-        torch.randn(
-            sum(s[0] for s in SHAPES), generator=gen, dtype=torch.float64
-        )
+        torch.randn(sum(s[0] for s in SHAPES), generator=gen, dtype=dtype)
     )
-    gw, gb = _group(pairs)
+    probes = [p.to(device) for p in probes]
+    gw, gb = _group(pairs, out_dtype=dtype)
     sw, sb = _single(pairs)
     for a, b in zip(gw, sw):
         assert a.shape == b.shape
@@ -142,7 +145,8 @@ def test_group_matches_single_folds(bias, affine, used):
             assert a is None
             continue
         assert a is not None
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def test_unused_pair_gets_no_gradient_at_all():
@@ -211,9 +215,15 @@ def test_input_modified_before_backward_is_refused(key, message):
         loss.backward()
 
 
-def test_output_dtype_and_gradient_dtype():
-    pairs = _pairs(True, True, dtype=torch.float32)
+@pytest.mark.parametrize('device', DEVICES)
+def test_output_dtype_and_gradient_dtype(device):
+    pairs = _pairs(True, True, dtype=torch.float32, device=device)
     gw, gb = _group(pairs, out_dtype=torch.bfloat16)
+    # rounded once, as the single fold's products cast to bfloat16
+    sw, sb = _single(pairs)
+    for a, b in zip(gw, sw):
+        assert torch.equal(a, b.to(torch.bfloat16))
+    assert torch.equal(gb, torch.cat(sb).to(torch.bfloat16))
     assert all(w.dtype == torch.bfloat16 for w in gw)
     assert gb.dtype == torch.bfloat16
     (sum(w.float().sum() for w in gw) + gb.float().sum()).backward()
@@ -225,3 +235,18 @@ def test_bad_input_is_named():
     pairs[1]['bias'] = None
     with pytest.raises(ValueError, match='biases must be all None'):
         _group(pairs)
+
+
+def test_repeated_factors_are_the_weights_shapes_and_the_factors_values():
+    """The multi-tensor multiplies take factors of the weights' shapes
+    (broadcast ones cost a kernel per pair on CUDA): the same values as
+    each pair's (C, 1, ..., 1) factors."""
+    from mmtune.ops.fold_group import _expanded, _factors
+
+    plan = FoldGroupPlan(SHAPES, torch.float64)
+    scale = torch.rand(sum(s[0] for s in SHAPES), dtype=torch.float64)
+    weights = [torch.empty(s, dtype=torch.float64) for s in SHAPES]
+    repeated = _expanded(scale, plan, weights)
+    for got, factor, weight in zip(repeated, _factors(scale, plan), weights):
+        assert got.shape == weight.shape and got.is_contiguous()
+        assert torch.equal(got, factor.expand_as(weight))
