@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip('mmdet')
 
@@ -218,6 +219,27 @@ def test_host_overhead_tool_cpu():
     assert '| eval | ' in out and ' | 1.00 |' in out
     assert '| the fold, forward and backward (tune-kept - ' in out
     assert '| per-call Python: checks, conv wrapper, BN pass-through' in out
+
+
+def test_host_overhead_prefolded_leaves_train_where_the_fold_would():
+    """tune-prefolded stands for tune mode without its fold: its leaves
+    train only where the fold's outputs do (not the frozen stages), and
+    lose their gradients after each step, as parameters do."""
+    path = osp.join(TOOLS, 'benchmark_host_overhead.py')
+    spec = importlib.util.spec_from_file_location('host_tool', path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    model = tool.build('tune-prefolded', 2, 'cpu')
+    x = torch.randn(2, 3, 32, 32)
+    with tool._variant('tune-prefolded'):
+        for _ in range(2):
+            tool.step(model, x)
+    leaves = list(tool._PREFOLDED.values())
+    assert len(leaves) == 53
+    frozen = [f for f in leaves if not f.weight.requires_grad]
+    assert len(frozen) == 11  # the stem and layer1: frozen_stages=1
+    assert all(not f.bias.requires_grad for f in frozen)
+    assert all(f.weight.grad is None and f.bias.grad is None for f in leaves)
 
 
 def test_memory_timeline_tool_cpu():

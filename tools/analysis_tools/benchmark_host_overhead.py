@@ -95,9 +95,15 @@ def _prefolded_take(take):
             fold = take(batch, index)
             if fold is None:
                 return None
+            # leaves that train where the fold would (not the frozen
+            # stages': their convolutions compute no weight gradient)
             _PREFOLDED[key] = fold._replace(
-                weight=fold.weight.detach().requires_grad_(),
-                bias=fold.bias.detach().requires_grad_(),
+                weight=fold.weight.detach().requires_grad_(
+                    fold.weight.requires_grad
+                ),
+                bias=fold.bias.detach().requires_grad_(
+                    fold.bias.requires_grad
+                ),
             )
         return _PREFOLDED[key]
 
