@@ -14,12 +14,11 @@ pairs folds in one autograd node, with few operations called from Python:
   the weights' rows (tensors of equal shapes: a few CUDA kernels for all
   pairs, where broadcasting factors costs one kernel and one operation call
   per pair; the repeated factors, one weight-sized vector, are let go when
-  the fold returns). The folded weights
-  are separate tensors, so each is freed as soon as its convolution's
-  backward is done, as when folding pair by pair; all biases are one vector.
+  the fold returns). The folded weights are separate tensors, so each is
+  freed as soon as its convolution lets go of it, as when folding pair by
+  pair; all biases are one vector.
   Under autocast the products are rounded to the autocast dtype a run at a
-  time (consecutive pairs whose weight rows have the same length: eleven
-  runs for a ResNet-50);
+  time (consecutive pairs whose weight rows have the same length);
 - backward: the weights' gradients in one multi-tensor multiply (by the
   repeated factors again); the ``gamma`` gradients need ``sum(grad * w)``
   per output channel: one multi-tensor multiply, one flat copy of the

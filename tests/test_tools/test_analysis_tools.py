@@ -242,6 +242,13 @@ def test_host_overhead_prefolded_leaves_train_where_the_fold_would():
     assert all(f.weight.grad is None and f.bias.grad is None for f in leaves)
 
 
+def test_count_host_launches_tool_cpu():
+    out = _run_tool('count_host_launches.py', '--device', 'cpu')
+    for mode in ('eval', 'tune', 'fold-floor'):
+        assert f'{mode}: kernel launches per step 0, aten calls ' in out
+    assert 'one fold of the batch, host time: ' in out
+
+
 def test_memory_timeline_tool_cpu():
     out = _run_tool(
         'memory_timeline_fast_conv_bn_eval.py',
