@@ -215,15 +215,16 @@ def _fold(plan, weights, biases, betas, mean, scale):
 
 
 class _FoldGroup(torch.autograd.Function):
-    """Inputs: plan, n, ``(scale, factors)`` (the values of ``gamma *
-    inv_std``, flat and cut per pair: computed by the caller, held for the
-    backward), then n weights, n conv biases (or None), n gammas (or
-    None), n betas (or None), then running means and inverse stds as two
-    flat vectors. Outputs: n folded weights and one flat folded bias."""
+    """Inputs: plan, n, ``(scale,)`` (the values of ``gamma * inv_std``
+    as one vector, in a tuple so that autograd does not take it for an
+    input: computed by the caller, held for the backward), then n
+    weights, n conv biases (or None), n gammas (or None), n betas (or
+    None), then running means and inverse stds as two flat vectors.
+    Outputs: n folded weights and one flat folded bias."""
 
     @staticmethod
-    def forward(ctx, plan, n, factored, *tensors):
-        scale = factored[0]
+    def forward(ctx, plan, n, held, *tensors):
+        (scale,) = held
         weights = tensors[:n]
         biases, betas = tensors[n : 2 * n], tensors[3 * n : 4 * n]
         mean, inv_std = tensors[4 * n], tensors[4 * n + 1]
@@ -235,7 +236,7 @@ class _FoldGroup(torch.autograd.Function):
         # factors (kept, not recomputed: a few hundred kB for a ResNet),
         # and the shift and inverse std (double backward); the running
         # mean is given back by the shift. No weight-sized tensor is kept.
-        ctx.factored = factored
+        ctx.scale = scale
         ctx.inputs = tensors[: 4 * n]
         ctx.versions = _versions(weights, tensors[2 * n : 3 * n])
         ctx.save_for_backward(shift, inv_std)
@@ -256,7 +257,7 @@ class _FoldGroup(torch.autograd.Function):
         if not any(used):
             return (None,) * (3 + 4 * n + 2)
         shift, inv_std = ctx.saved_tensors
-        scale = ctx.factored[0]
+        scale = ctx.scale
         dtype = scale.dtype
         if grad_b is None:
             grad_b = scale.new_zeros(scale.shape)
@@ -448,7 +449,7 @@ def fold_conv_bn_group(
     outs = _FoldGroup.apply(
         plan,
         n,
-        (scale, factors),
+        (scale,),
         *weights,
         *biases,
         *gammas,
