@@ -28,8 +28,9 @@ keeps tune mode exact or lean):
 - ``tune-kept``: the folded weights kept for the backward, as before the
   recompute (:mod:`mmtune.ops.conv_folded`).
 - ``tune-prefolded``: ``tune-kept`` without the fold: each pair takes, at
-  every step, the fold of its first call, made trainable leaves (as the
-  floor's convs are), so no fold runs forward or backward. What is left
+  every step, the fold of its first call, made leaves that train where the
+  fold's outputs do (as the floor's convs do), so no fold runs forward or
+  backward. What is left
   above ``fold-floor`` is the per-call Python: the checks, the conv
   wrapper and the BN's pass-through.
 
@@ -87,7 +88,7 @@ _PREFOLDED: dict = {}
 
 def _prefolded_take(take):
     """``FoldBatch.take`` that gives each pair the fold of its first call,
-    as trainable leaves, at every later call (no fold runs)."""
+    as leaves, at every later call (no fold runs)."""
 
     def prefolded(batch, index):
         key = (id(batch), index)
@@ -150,8 +151,9 @@ def step(model: torch.nn.Module, x: torch.Tensor) -> tuple:
     loss.backward()
     for p in model.parameters():
         p.grad = None
-    for fold in _PREFOLDED.values():  # tune-prefolded's leaves, as the
-        fold.weight.grad = fold.bias.grad = None  # parameters: no sum
+    # tune-prefolded's leaves lose their gradients as the parameters do
+    for fold in _PREFOLDED.values():
+        fold.weight.grad = fold.bias.grad = None
     _sync(x)
     return middle - start, time.perf_counter() - middle
 

@@ -26,11 +26,6 @@ import benchmark_host_overhead as bho  # noqa: E402
 from mmtune.rewrite.tune_mode import tune_pairs  # noqa: E402
 
 
-def _sync(device: str) -> None:
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -70,7 +65,7 @@ def main(argv=None) -> int:
     key = (weight.device, None, True)
     times = []
     for _ in range(200):
-        _sync(device)
+        bho._sync(x)
         start = time.perf_counter()
         batch._fold(key)
         times.append(time.perf_counter() - start)
