@@ -11,6 +11,7 @@ from .conv_bn import (
     fold_modules,
 )
 from .conv_folded import (
+    autocast_dtype,
     conv_forward_folded,
     is_compiling,
     observe_saved_tensors,
@@ -28,6 +29,7 @@ __all__ = [
     'conv_forward_folded',
     'observe_saved_tensors',
     'is_compiling',
+    'autocast_dtype',
     'FoldGroupPlan',
     'fold_conv_bn_group',
 ]

@@ -23,7 +23,7 @@ weight is kept, as before.
 """
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -162,13 +162,33 @@ def _refold_hooks_allowed(top) -> bool:
     )
 
 
+_autocast_available = getattr(torch.amp, 'is_autocast_available', None)
+# device type -> whether autocast exists there (torch raises on asking
+# about one without it, e.g. 'meta')
+_AUTOCAST_DEVICES: Dict[str, bool] = {}
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts to on ``device_type`` now; None when it is
+    off there, or the device type has no autocast (``'meta'``: torch's
+    query would raise)."""
+    available = _AUTOCAST_DEVICES.get(device_type)
+    if available is None:
+        available = _autocast_available is None or bool(
+            _autocast_available(device_type)
+        )
+        _AUTOCAST_DEVICES[device_type] = available
+    if not available or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _autocast_dtype(weight: Tensor) -> Optional[torch.dtype]:
     """The dtype autocast would cast ``weight`` to for a convolution, or
     None when it would not cast it."""
-    device_type = weight.device.type
-    if not torch.is_autocast_enabled(device_type):
+    dtype = autocast_dtype(weight.device.type)
+    if dtype is None:
         return None
-    dtype = torch.get_autocast_dtype(device_type)
     if not weight.is_floating_point() or weight.dtype in (
         dtype,
         torch.float64,

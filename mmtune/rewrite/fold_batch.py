@@ -45,7 +45,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..ops import ConvBNFold, FoldGroupPlan, fold_conv_bn_group, is_compiling
+from ..ops import (
+    ConvBNFold,
+    FoldGroupPlan,
+    autocast_dtype,
+    fold_conv_bn_group,
+    is_compiling,
+)
 
 
 def _private(module, name):
@@ -145,12 +151,6 @@ def _row_length(weight: Optional[Tensor]) -> int:
     if weight is None:
         return 0
     return weight.numel() // max(weight.shape[0], 1)
-
-
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
 
 
 class _Folded:
@@ -258,7 +258,7 @@ class FoldBatch:
         types = self.device_types
         if types is not None and device.type not in types:
             return None
-        key = (device, _autocast_dtype(device.type), torch.is_grad_enabled())
+        key = (device, autocast_dtype(device.type), torch.is_grad_enabled())
         folded = self._folded.get(key)
         if folded is None:
             folded = self._fold(key)

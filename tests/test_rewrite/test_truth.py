@@ -454,3 +454,21 @@ def test_pickled_and_deep_copied_models_fold(batch):
         if batch:
             (fold_batch,) = fold_batches(copied)
             assert fold_batch.folds >= 1
+
+
+@pytest.mark.parametrize('batch', BATCH)
+def test_a_model_on_the_meta_device_folds_as_eval_mode_runs(batch):
+    """A device type without autocast (``'meta'``, for shape inference):
+    torch raises on asking whether autocast is on there, so tune mode must
+    not ask."""
+    ref = TorchvisionStyle().to('meta').eval()
+    tuned = copy.deepcopy(ref)
+    report = turn_on_fast_conv_bn_eval(tuned, batch=batch)
+    x = torch.empty(2, 3, 6, 6, device='meta', requires_grad=True)
+    outs = [model(x) for model in (ref, tuned)]
+    assert outs[1].shape == outs[0].shape and outs[1].is_meta
+    outs[1].sum().backward()
+    assert tuned.conv1.weight.grad.shape == tuned.conv1.weight.shape
+    assert tuned.bn2.weight.grad.shape == (4,)
+    counts = report.fold_counts()
+    assert all(c.folded == 1 and not c.computed for c in counts.values())
