@@ -16,7 +16,12 @@ from .conv_folded import (
     is_compiling,
     observe_saved_tensors,
 )
-from .fold_group import FoldGroupPlan, fold_conv_bn_group
+from .fold_group import (
+    FoldGroupPlan,
+    fold_bn_group,
+    fold_conv_bn_group,
+    scale_weight,
+)
 
 __all__ = [
     'bn_inv_std',
@@ -32,4 +37,6 @@ __all__ = [
     'autocast_dtype',
     'FoldGroupPlan',
     'fold_conv_bn_group',
+    'fold_bn_group',
+    'scale_weight',
 ]

@@ -7,11 +7,14 @@ waits for the CPU to launch operations, so that made tune mode slower than
 eval mode. A :class:`FoldBatch` knows all pairs that one
 :func:`~mmtune.rewrite.turn_on_fast_conv_bn_eval` call converted. Inside one
 call of the model that was turned on (between its forward pre-hook and its
-forward hook), the first pair that folds folds every eligible pair with
-:func:`~mmtune.ops.fold_conv_bn_group` (one autograd node per group of like
-trainable pairs, plain operations for frozen ones) and the others take their
-folded weight and bias from it. Nothing of it outlives that call of the
-model: the folded tensors are let go when it returns.
+forward hook), the first pair that folds computes the per-channel factors
+and folded biases of every eligible pair with
+:func:`~mmtune.ops.fold_bn_group` (one autograd node per group of like
+trainable pairs, plain operations for frozen ones); each pair, when it
+runs, takes its factors and bias and multiplies its weight by the factors
+(one operation: the only weight-sized tensor a fold makes, so that no more
+than one exists at a time, as pair by pair). Nothing of it outlives that
+call of the model: the folded tensors are let go when it returns.
 
 Inside that call, a folded entry is used only while:
 
@@ -33,8 +36,8 @@ without forward pre-hooks, and for contiguous, non-transposed conv weights.
 Elsewhere the pair folds alone, exactly as before.
 
 A pair that the forward does not call, or whose output does not reach the
-loss, gets no gradient at all, as in eval mode. Its parameters are
-nevertheless inputs of the group's autograd node, so
+loss, gets no gradient at all, as in eval mode. Its BN parameters (and conv
+bias) are nevertheless inputs of the group's autograd node, so
 ``DistributedDataParallel(find_unused_parameters=True)`` would wait for
 them: the engine layer turns batching off for such a wrapper.
 """
@@ -49,8 +52,9 @@ from ..ops import (
     ConvBNFold,
     FoldGroupPlan,
     autocast_dtype,
-    fold_conv_bn_group,
+    fold_bn_group,
     is_compiling,
+    scale_weight,
 )
 
 
@@ -147,24 +151,18 @@ def _batchable(conv: nn.Module, cp: dict, bp: dict, bb: dict) -> bool:
     )
 
 
-def _row_length(weight: Optional[Tensor]) -> int:
-    if weight is None:
-        return 0
-    return weight.numel() // max(weight.shape[0], 1)
-
-
 class _Folded:
     """The entries of one fold, by member index (weakly referenced by the
     groups' backward hooks).
 
-    An entry is a list ``[fold, stamp, inputs]`` (a list, not an object:
-    one is read at every call), ``fold`` a :class:`~mmtune.ops.ConvBNFold`.
-    The pair takes it once: the entry is dropped then, so that the folded
-    weight lives only as long as the pair's convolution holds it (through
-    its forward: :func:`~mmtune.ops.conv_forward_folded` keeps a recipe,
-    not the weight, for the backward) and the groups' bias vector is freed
-    once every pair has run. A pair called again in the same forward folds
-    alone.
+    An entry is a list ``[factor, bias, dtype, stamp, inputs]`` (a list,
+    not an object: one is read at every call): the pair's factors and
+    folded bias, and the dtype of its folded weight. The pair takes it
+    once: the entry is dropped then, so that its folded weight, made then,
+    lives only as long as the pair's convolution holds it (through its
+    forward: :func:`~mmtune.ops.conv_forward_folded` keeps a recipe, not
+    the weight, for the backward). A pair called again in the same forward
+    folds alone.
     """
 
     __slots__ = ('entries', '__weakref__')
@@ -205,7 +203,6 @@ class FoldBatch:
         # nn.Module.__getattr__); built at the first call, since a copy or
         # an unpickled batch may get its modules before they are whole
         self._dicts: Optional[list] = None
-        self._order: List[int] = []
         self.folds = 0  # how many times the batch was folded
 
     def __getstate__(self):
@@ -268,23 +265,19 @@ class FoldBatch:
         if (
             entry is None
             or conv._forward_pre_hooks
-            or entry[1] != _stamp(bn, cp, bp, bb)
+            or entry[3] != _stamp(bn, cp, bp, bb)
         ):
             return None
-        return entry[0]
+        factor = entry[0]
+        return ConvBNFold(
+            scale_weight(weight, factor, entry[2]), entry[1], weight, factor
+        )
 
     def _build_dicts(self) -> list:
         self._dicts = [
             (conv, bn, conv._parameters, bn._parameters, bn._buffers)
             for conv, bn, _ in self.members
         ]
-        # folded in the order of their weights' row lengths, so that equal
-        # lengths are next to each other (fewer runs to scale); a weight
-        # replaced by one of another shape later costs runs, not results
-        self._order = sorted(
-            range(len(self.members)),
-            key=lambda i: _row_length(self._dicts[i][2].get('weight')),
-        )
         return self._dicts
 
     def _fold(self, key: tuple) -> _Folded:
@@ -293,8 +286,7 @@ class FoldBatch:
         pair_tensors: Dict[int, tuple] = {}
         stamps: Dict[int, tuple] = {}
         dicts = self._dicts
-        for i in self._order:
-            conv, bn, cp, bp, bb = dicts[i]
+        for i, (conv, bn, cp, bp, bb) in enumerate(dicts):
             if (
                 bn.training
                 or not _batchable(conv, cp, bp, bb)
@@ -363,29 +355,21 @@ class FoldBatch:
         folded: _Folded,
     ) -> None:
         plan, eps = self._plan(indices, tensors, device, out_dtype)
-        weights, biases, gammas, betas, means, variances = zip(*tensors)
+        _, biases, gammas, betas, means, variances = zip(*tensors)
         with torch.no_grad():
             mean = torch.cat(means)
             inv_std = torch.cat(variances).add_(eps).rsqrt_()
-        folded_ws, bias, factors = fold_conv_bn_group(
-            plan, weights, biases, gammas, betas, mean, inv_std
+        factors, folded_bs = fold_bn_group(
+            plan, biases, gammas, betas, mean, inv_std
         )
         entries = folded.entries
         # the inputs are held so that no other tensor can take their
         # storage: an equal data_ptr in the stamp means the same tensor
-        for i, w, b, factor, inputs in zip(
-            indices,
-            folded_ws,
-            bias.split(plan.channels),
-            factors,
-            tensors,
+        for i, factor, bias, inputs in zip(
+            indices, factors, folded_bs, tensors
         ):
-            entries[i] = [
-                ConvBNFold(w, b, inputs[0], factor),
-                stamps[i],
-                inputs,
-            ]
-        node = bias.grad_fn
+            entries[i] = [factor, bias, out_dtype, stamps[i], inputs]
+        node = folded_bs[0].grad_fn
         if node is not None:
             node.register_hook(_Expire(folded, indices))
 

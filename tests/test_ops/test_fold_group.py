@@ -1,7 +1,8 @@
 # Copyright (c) mmtune contributors. All rights reserved.
-"""fold_conv_bn_group equals fold_conv_bn pair by pair: values, every
-gradient (float64), unused pairs, frozen inputs, double backward and the
-in-place modification check."""
+"""fold_conv_bn_group (fold_bn_group's vectors, then each weight times its
+factors) equals fold_conv_bn pair by pair: values, every gradient (float64;
+the weights' bit for bit), unused pairs, frozen inputs, double backward and
+the in-place modification check."""
 
 import itertools
 
@@ -11,13 +12,13 @@ import torch
 from mmtune.ops import (
     FoldGroupPlan,
     bn_inv_std,
+    fold_bn_group,
     fold_conv_bn,
     fold_conv_bn_group,
 )
 
 SHAPES = [(6, 4, 3, 3), (5, 2, 1, 1), (3, 6, 3), (4, 1, 2, 2, 2)]
-#: CUDA too where there is one (the GPU machine runs these tests): there
-#: the multi-tensor multiplies take their fast path
+#: CUDA too where there is one (the GPU machine runs these tests)
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 
 
@@ -51,7 +52,7 @@ def _group(pairs, out_dtype=torch.float64):
     plan = FoldGroupPlan([p['weight'].shape for p in pairs], out_dtype)
     mean = torch.cat([p['mean'] for p in pairs])
     inv = torch.cat([bn_inv_std(p['var'], p['eps']) for p in pairs])
-    weights, bias, _ = fold_conv_bn_group(
+    weights, biases, _ = fold_conv_bn_group(
         plan,
         [p['weight'] for p in pairs],
         [p['bias'] for p in pairs],
@@ -60,7 +61,7 @@ def _group(pairs, out_dtype=torch.float64):
         mean,
         inv,
     )
-    return weights, bias
+    return weights, biases
 
 
 def _single(pairs):
@@ -88,18 +89,10 @@ def _params(pairs):
     ]
 
 
-def _biases(bias):
-    """Per-pair biases: the group's flat bias is split as tune mode does."""
-    if isinstance(bias, list):
-        return bias
-    return list(bias.split([s[0] for s in SHAPES]))
-
-
-def _loss(weights, bias, probes, used):
+def _loss(weights, biases, probes, used):
     """A loss that reads only the used pairs' weights and biases, as the
     convolutions would."""
     loss = 0
-    biases = _biases(bias)
     bias_probes = probes[-1].split([s[0] for s in SHAPES])
     for w, b, probe, bias_probe, u in zip(
         weights, biases, probes, bias_probes, used
@@ -129,10 +122,9 @@ def test_group_matches_single_folds(bias, affine, used, dtype, device):
     probes = [p.to(device) for p in probes]
     gw, gb = _group(pairs, out_dtype=dtype)
     sw, sb = _single(pairs)
-    for a, b in zip(gw, sw):
+    for a, b in zip(gw + gb, sw + sb):
         assert a.shape == b.shape
         assert torch.equal(a, b)
-    assert torch.equal(gb, torch.cat(sb))
     params = _params(pairs)
     grads_group = torch.autograd.grad(
         _loss(gw, gb, probes, used), params, allow_unused=True
@@ -140,22 +132,24 @@ def test_group_matches_single_folds(bias, affine, used, dtype, device):
     grads_single = torch.autograd.grad(
         _loss(sw, sb, probes, used), params, allow_unused=True
     )
-    for a, b in zip(grads_group, grads_single):
-        if b is None:  # weight of an unused pair
+    weights = {id(p['weight']) for p in pairs}
+    for param, a, b in zip(params, grads_group, grads_single):
+        if b is None:  # a parameter of an unused pair
             assert a is None
             continue
         assert a is not None
+        if id(param) in weights:  # the same multiply's gradient
+            assert torch.equal(a, b)
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def test_unused_pair_gets_no_gradient_at_all():
     """Eval mode gives None to every parameter of a pair that was not used;
-    so does the group, also for gamma and beta (their bias slot gets the
-    split's zeros)."""
+    so does the group, also for gamma and beta."""
     pairs = _pairs(True, True)
     gw, gb = _group(pairs)
-    loss = (gw[0] * 2).sum() + gb[: SHAPES[0][0]].sum()
+    loss = (gw[0] * 2).sum() + gb[0].sum()
     loss.backward()
     for p in pairs[1:]:
         for k in ('weight', 'bias', 'gamma', 'beta'):
@@ -170,7 +164,7 @@ def test_frozen_inputs_get_no_gradient():
         p['beta'].requires_grad_(False)
     gw, gb = _group(pairs)
     sw, sb = _single(pairs)
-    loss_g = sum((w**2).sum() for w in gw) + (gb**2).sum()
+    loss_g = sum((w**2).sum() for w in gw) + sum((b**2).sum() for b in gb)
     loss_s = sum((w**2).sum() for w in sw) + sum((b**2).sum() for b in sb)
     params = _params(pairs)
     for a, b in zip(
@@ -187,7 +181,7 @@ def test_double_backward_matches_single_folds():
     def second_order(fold):
         ws, b = fold(pairs)
         loss = sum((w**3).sum() for w in ws)
-        loss = loss + sum((t**3).sum() for t in _biases(b))
+        loss = loss + sum((t**3).sum() for t in b)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         penalty = sum((g**2).sum() for g in grads)
         return torch.autograd.grad(penalty, params)
@@ -199,8 +193,9 @@ def test_double_backward_matches_single_folds():
 @pytest.mark.parametrize(
     'key, message',
     [
-        ('weight', 'the weight of conv #1'),
-        # the backward recomputes the scale from gamma
+        # autograd's own check: the multiply keeps the weight
+        ('weight', 'modified by an inplace operation'),
+        # the group checks gamma, as eval mode's batch norm keeps it
         ('gamma', 'gamma of the BN after #1'),
     ],
 )
@@ -208,7 +203,7 @@ def test_input_modified_before_backward_is_refused(key, message):
     """As autograd refuses a saved tensor modified in place."""
     pairs = _pairs(False, True)
     gw, gb = _group(pairs)
-    loss = sum(w.sum() for w in gw) + gb.sum()
+    loss = sum(w.sum() for w in gw) + sum(b.sum() for b in gb)
     with torch.no_grad():
         pairs[1][key].mul_(2)
     with pytest.raises(RuntimeError, match=message):
@@ -221,12 +216,11 @@ def test_output_dtype_and_gradient_dtype(device):
     gw, gb = _group(pairs, out_dtype=torch.bfloat16)
     # rounded once, as the single fold's products cast to bfloat16
     sw, sb = _single(pairs)
-    for a, b in zip(gw, sw):
+    for a, b in zip(gw + gb, sw + sb):
         assert torch.equal(a, b.to(torch.bfloat16))
-    assert torch.equal(gb, torch.cat(sb).to(torch.bfloat16))
-    assert all(w.dtype == torch.bfloat16 for w in gw)
-    assert gb.dtype == torch.bfloat16
-    (sum(w.float().sum() for w in gw) + gb.float().sum()).backward()
+        assert a.dtype == torch.bfloat16
+    loss = sum(t.float().sum() for t in gw + gb)
+    loss.backward()
     assert all(p['weight'].grad.dtype == torch.float32 for p in pairs)
 
 
@@ -237,16 +231,41 @@ def test_bad_input_is_named():
         _group(pairs)
 
 
-def test_repeated_factors_are_the_weights_shapes_and_the_factors_values():
-    """The multi-tensor multiplies take factors of the weights' shapes
-    (broadcast ones cost a kernel per pair on CUDA): the same values as
-    each pair's (C, 1, ..., 1) factors."""
-    from mmtune.ops.fold_group import _expanded, _factors
+def test_a_gamma_modified_for_a_pair_that_got_no_gradient_is_not_refused():
+    """A pair whose outputs got no gradient from this group (it folded
+    alone instead, say) has nothing to do with the group's backward."""
+    pairs = _pairs(False, True)
+    gw, gb = _group(pairs)
+    loss = gw[0].sum() + gb[0].sum()
+    with torch.no_grad():
+        pairs[1]['gamma'].mul_(2)
+    loss.backward()
+    assert pairs[0]['gamma'].grad is not None
+    assert pairs[1]['gamma'].grad is None
 
-    plan = FoldGroupPlan(SHAPES, torch.float64)
-    scale = torch.rand(sum(s[0] for s in SHAPES), dtype=torch.float64)
-    weights = [torch.empty(s, dtype=torch.float64) for s in SHAPES]
-    repeated = _expanded(scale, plan, weights)
-    for got, factor, weight in zip(repeated, _factors(scale, plan), weights):
-        assert got.shape == weight.shape and got.is_contiguous()
-        assert torch.equal(got, factor.expand_as(weight))
+
+def test_only_per_channel_tensors_are_made_or_kept():
+    """No weight-sized tensor but the folded weights themselves: the
+    vectors' node keeps per-channel vectors, each folded weight is one
+    multiply, whose autograd node keeps the weight (a parameter) and the
+    factors."""
+    pairs = _pairs(True, True)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: sizes.append(t.numel()) or t, lambda t: t
+    ):
+        gw, gb = _group(pairs)
+    channels = sum(s[0] for s in SHAPES)
+    weights = {p['weight'].numel() for p in pairs}
+    assert all(n <= channels or n in weights for n in sizes), sizes
+    factors, biases = fold_bn_group(
+        FoldGroupPlan(SHAPES, torch.float64),
+        [p['bias'] for p in pairs],
+        [p['gamma'] for p in pairs],
+        [p['beta'] for p in pairs],
+        torch.cat([p['mean'] for p in pairs]),
+        torch.cat([bn_inv_std(p['var'], p['eps']) for p in pairs]),
+    )
+    for f, b, s in zip(factors, biases, SHAPES):
+        assert f.shape == (s[0],) + (1,) * (len(s) - 1)
+        assert b.shape == (s[0],)
