@@ -23,6 +23,18 @@ which pair it computes), noting on every path who calls each module, what
 each conv output feeds and a :class:`Verdict` for each BN; then decide each
 BN once from all paths: a :class:`Pair`, or a skip record with the reason.
 
+A trace runs the forward's Python with the current values of the frame's
+own attributes: ``if self.flag:`` or ``self.bns[self.domain]`` are decided
+by them, not traced. So the analysis records the plain attributes (bools,
+numbers, strings, None, tuples of them) that the forward reads from the
+frame, and tune mode folds a call only while they still have those values
+(a frame whose forward changes one it reads is skipped). A tensor that the
+forward stores on the frame (``self.feats.append(x)``, ``self.pre = x``)
+leaves the traced dataflow: a conv whose output, or anything computed from
+it, is found stored in the frame's attributes after a trace is not paired.
+Each trace is undone: the frame's attributes, and the contents of the
+lists, dicts and sets among them, are put back as they were.
+
 For every module call it traces, the analysis also records the call chain:
 the code objects from the function that called the module up to the
 frame's ``forward`` (helper methods, nested functions, decorators), or up
@@ -182,17 +194,179 @@ def _look_through_checkpoint():
         torch.utils.checkpoint.checkpoint = original
 
 
+_PLAIN_TYPES = (bool, int, float, str, type(None))
+#: What an ``nn.Module`` itself keeps in its ``__dict__`` (not the frame's
+#: own state: not put back after a trace, not searched for tensors)
+_MODULE_KEYS = frozenset(nn.Module().__dict__)
+
+
+def _is_plain(value) -> bool:
+    """Whether ``value`` is a flag, number, string, None or a tuple of
+    them: what a forward's Python may branch or index on."""
+    if type(value) is tuple:
+        return all(isinstance(v, _PLAIN_TYPES) for v in value)
+    return isinstance(value, _PLAIN_TYPES)
+
+
+class _Unstable(Exception):
+    """The forward changes an attribute of the frame that it reads."""
+
+
+@contextlib.contextmanager
+def _recording_reads(frame: nn.Module, reads: Dict[str, object]):
+    """Record in ``reads`` the plain attributes that code reads from
+    ``frame`` inside the block (the first value read of each; names that
+    ``nn.Module`` itself defines, such as ``training``, are left out): the
+    frame's class is a recording subclass meanwhile."""
+    cls = type(frame)
+    base = cls.__getattribute__
+
+    def __getattribute__(self, name):
+        value = base(self, name)
+        if (
+            name not in reads
+            and not name.startswith('__')
+            and _is_plain(value)
+            and name not in _MODULE_KEYS
+            and not hasattr(nn.Module, name)
+        ):
+            reads[name] = value
+        return value
+
+    recording = type(
+        cls.__name__,
+        (cls,),
+        {
+            '__getattribute__': __getattribute__,
+            '__module__': cls.__module__,
+            '__qualname__': cls.__qualname__,
+        },
+    )
+    try:
+        frame.__class__ = recording
+    except TypeError:  # a class whose instances cannot change class
+        yield
+        return
+    try:
+        yield
+    finally:
+        frame.__class__ = cls
+
+
+_CONTAINERS = (list, dict, set)
+
+
+def _snapshot(frame: nn.Module) -> tuple:
+    state = dict(frame.__dict__)
+    contents = {
+        key: value.copy()
+        for key, value in state.items()
+        if key not in _MODULE_KEYS and type(value) in _CONTAINERS
+    }
+    return state, contents
+
+
+def _restore(frame: nn.Module, snapshot: tuple) -> None:
+    """Put the frame's attributes back as :func:`_snapshot` saw them."""
+    state, contents = snapshot
+    attrs = frame.__dict__
+    for key in [k for k in attrs if k not in state]:
+        del attrs[key]
+    attrs.update(state)
+    for key, saved in contents.items():
+        value = state[key]
+        value.clear()
+        if type(value) is list:
+            value.extend(saved)
+        else:
+            value.update(saved)
+
+
+def _stored_proxies(frame: nn.Module) -> List[fx.Proxy]:
+    """The traced values found in the frame's own attributes (and in the
+    lists, tuples, dicts and sets among them, three levels deep) after a
+    trace, before :func:`_restore`."""
+    found: List[fx.Proxy] = []
+    todo = [
+        (value, 0)
+        for key, value in frame.__dict__.items()
+        if key not in _MODULE_KEYS
+    ]
+    seen: Set[int] = set()
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, fx.Proxy):
+            found.append(value)
+        elif (
+            isinstance(value, (list, tuple, dict, set))
+            and depth < 3
+            and id(value) not in seen
+        ):
+            seen.add(id(value))
+            items = value.values() if isinstance(value, dict) else value
+            todo.extend((item, depth + 1) for item in items)
+    return found
+
+
+def _stored_calls(proxies: Sequence[fx.Proxy]) -> Set[str]:
+    """The submodule calls whose outputs the stored ``proxies`` were
+    computed from."""
+    targets: Set[str] = set()
+    todo = [p.node for p in proxies]
+    seen: Set[fx.Node] = set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == 'call_module':
+            targets.add(node.target)
+        todo.extend(node.all_input_nodes)
+    return targets
+
+
+def _merge_reads(into: Dict[str, object], reads: Dict[str, object]) -> None:
+    for name, value in reads.items():
+        if name in into and into[name] != value:
+            raise _Unstable(
+                f'its forward changes the attribute {name!r} that it reads '
+                f'({into[name]!r}, then {value!r})'
+            )
+        into[name] = value
+
+
 def _trace_all_paths(
-    frame: nn.Module, chains: Dict[str, Set[Chain]]
-) -> List[fx.Graph]:
-    """Graphs of ``frame.forward`` for every outcome of its branches; the
-    call chains of each submodule are added to ``chains``."""
+    frame: nn.Module,
+    chains: Dict[str, Set[Chain]],
+    reads: Dict[str, object],
+) -> List[Tuple[fx.Graph, Set[str]]]:
+    """Graphs of ``frame.forward`` for every outcome of its branches, each
+    with the submodule calls whose outputs the trace found stored on the
+    frame; the call chains of each submodule are added to ``chains``, the
+    plain attributes read to ``reads``."""
     graphs = []
     todo: List[List[bool]] = [[]]
     while todo:
         prefix = todo.pop()
         tracer = _FrameTracer(prefix)
-        graphs.append(tracer.trace(frame))
+        snapshot = _snapshot(frame)
+        read: Dict[str, object] = {}
+        try:
+            with _recording_reads(frame, read):
+                graph = tracer.trace(frame)
+            stored = _stored_calls(_stored_proxies(frame))
+            _merge_reads(
+                read,
+                {
+                    name: getattr(frame, name, None)
+                    for name in read
+                    if name in frame.__dict__
+                },
+            )
+        finally:
+            _restore(frame, snapshot)
+        _merge_reads(reads, read)
+        graphs.append((graph, stored))
         for target, found in tracer.chains.items():
             chains[target] |= found
         for index in range(len(prefix), len(tracer.taken)):
@@ -224,6 +398,9 @@ class Pair:
     #: The call chains through which the traced frame called the conv
     #: (empty for handled pairs: their handler arms each call).
     chains: FrozenSet[Chain] = frozenset()
+    #: The frame's plain attributes that its traced forward read, with
+    #: their values then: the trace holds only while they do.
+    frame_state: Tuple[Tuple[str, object], ...] = ()
 
 
 @dataclass
@@ -407,6 +584,8 @@ class _Traces:
         self.handled: Dict[str, _Handled] = {}
         # frame name -> why it could not be traced
         self.failed: Dict[str, str] = {}
+        # traced frame name -> the plain attributes its forward read
+        self.reads: Dict[str, Tuple[Tuple[str, object], ...]] = {}
 
     def add_handled(self, frame_name: str, handled: _Handled) -> None:
         for callee in handled.found.callees:
@@ -418,13 +597,15 @@ class _Traces:
         self,
         frame_name: str,
         frame: nn.Module,
-        graphs: List[fx.Graph],
+        graphs: List[Tuple[fx.Graph, Set[str]]],
         chains: Dict[str, Set[Chain]],
+        reads: Dict[str, object],
     ) -> None:
-        for graph in graphs:
-            self._scan(graph, frame, frame_name)
+        for graph, stored in graphs:
+            self._scan(graph, frame, frame_name, stored)
         self.frames[frame_name] = frame
         self.chains[frame_name] = chains
+        self.reads[frame_name] = tuple(sorted(reads.items()))
 
     def add_from_source(
         self, frame_name: str, frame: nn.Module, found: SourcePairs
@@ -444,7 +625,13 @@ class _Traces:
             chains[conv] = {found.chains[conv]}
         self.frames[frame_name] = frame
 
-    def _scan(self, graph: fx.Graph, frame: nn.Module, frame_name: str):
+    def _scan(
+        self,
+        graph: fx.Graph,
+        frame: nn.Module,
+        frame_name: str,
+        stored: Set[str],
+    ):
         calls = Counter(
             node.target for node in graph.nodes if node.op == 'call_module'
         )
@@ -457,7 +644,9 @@ class _Traces:
             name = _join(frame_name, node.target)
             if isinstance(module, _ConvNd):
                 self.conv_users[name].append(
-                    _bn_fed_by(node, frame, frame_name)
+                    None
+                    if node.target in stored
+                    else _bn_fed_by(node, frame, frame_name)
                 )
             if isinstance(module, _BatchNorm):
                 self.bn_frame[name] = frame_name
@@ -498,12 +687,16 @@ def _trace_frame(
             'it has a forward wrapper installed on the instance'
         )
         return
-    graphs: List[fx.Graph] = []
+    graphs: List[Tuple[fx.Graph, Set[str]]] = []
     chains: Dict[str, Set[Chain]] = defaultdict(set)
+    reads: Dict[str, object] = {}
     try:
         for mode in (True, False):
             model.train(mode)
-            graphs.extend(_trace_all_paths(frame, chains))
+            graphs.extend(_trace_all_paths(frame, chains, reads))
+    except _Unstable as exc:
+        traces.failed[name] = str(exc)
+        return
     except _TooManyPaths:
         traces.failed[name] = (
             'its forward has more than '
@@ -520,7 +713,7 @@ def _trace_frame(
             why += ', and its source does not prove the pair'
         traces.failed[name] = why
         return
-    traces.add_traced(name, frame, graphs, chains)
+    traces.add_traced(name, frame, graphs, chains, reads)
 
 
 def _set_training(model: nn.Module, flags: Dict[nn.Module, bool]):
@@ -650,6 +843,7 @@ class _Decisions:
             frame_name,
             self.traces.frames[frame_name],
             chains=frozenset(self.traces.chains[frame_name][local]),
+            frame_state=self.traces.reads.get(frame_name, ()),
         )
 
     def untraced_bn(self, name: str) -> None:
@@ -706,6 +900,7 @@ class _Decisions:
         frame: nn.Module,
         handler: Optional[FrameHandler] = None,
         chains: FrozenSet[Chain] = frozenset(),
+        frame_state: Tuple[Tuple[str, object], ...] = (),
     ) -> None:
         self.analysis.pairs.append(
             Pair(
@@ -717,6 +912,7 @@ class _Decisions:
                 frame,
                 handler,
                 chains,
+                frame_state,
             )
         )
 

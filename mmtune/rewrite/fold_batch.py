@@ -262,11 +262,12 @@ class FoldBatch:
         entry = folded.entries.pop(index, None)
         # the stamp: the same tensors, unchanged since they were folded (a
         # pre-hook added since could write through .data: fold alone)
-        if (
-            entry is None
-            or conv._forward_pre_hooks
-            or entry[3] != _stamp(bn, cp, bp, bb)
-        ):
+        if entry is None or conv._forward_pre_hooks:
+            return None
+        try:
+            if entry[3] != _stamp(bn, cp, bp, bb):
+                return None
+        except RuntimeError:  # a tensor replaced by an inference tensor
             return None
         factor = entry[0]
         return ConvBNFold(
@@ -293,11 +294,15 @@ class FoldBatch:
                 or cp['weight'].device != device
             ):
                 continue
+            try:
+                stamps[i] = _stamp(bn, cp, bp, bb)
+            except RuntimeError:
+                # inference tensors have no version to stamp: fold alone
+                continue
             weight, bias = cp['weight'], cp['bias']
             gamma, beta = bp['weight'], bp['bias']
             mean, var = bb['running_mean'], bb['running_var']
             pair_tensors[i] = (weight, bias, gamma, beta, mean, var)
-            stamps[i] = _stamp(bn, cp, bp, bb)
             group_key = (
                 weight.dtype,
                 var.dtype,

@@ -29,6 +29,7 @@ it.
 """
 
 import copy
+import operator
 import sys
 import time
 import types
@@ -91,6 +92,29 @@ NOT_ARMED = (
     'call (e.g. norm=False)'
 )
 ARGUMENTS = 'called with arguments the conv does not take'
+UNBATCHED = (
+    'the input has not the dimensions of a batch for the conv (an '
+    'unbatched input: the BN would take its channels for a batch)'
+)
+_MISSING = object()
+
+
+def state_problem(frame: nn.Module, state) -> Optional[str]:
+    """Why the frame's plain attributes that its traced forward read no
+    longer have the values it was traced with, or None (``state``:
+    :attr:`~.analysis.Pair.frame_state`)."""
+    attrs = frame.__dict__
+    for name, value in state:
+        now = attrs.get(name, _MISSING)
+        if now is _MISSING:  # a class attribute or a property
+            now = getattr(frame, name, _MISSING)
+        if now is not value and (now is _MISSING or now != value):
+            shown = 'gone' if now is _MISSING else repr(now)
+            return (
+                f'the frame attribute {name!r} is {shown}; its forward was '
+                f'traced with {value!r}'
+            )
+    return None
 
 
 def _installed(module: nn.Module, owner, function) -> bool:
@@ -207,6 +231,10 @@ class TunePair:
     """
 
     _mmtune_forward_owner = True
+    # (defaults for pairs pickled before these existed)
+    frame_state: Tuple = ()
+    _state_get = None
+    input_dim: Optional[int] = None
 
     def __init__(self, pair: Pair, batch: Optional[FoldBatch] = None):
         conv, bn, frame = pair.conv, pair.bn, pair.frame
@@ -217,6 +245,17 @@ class TunePair:
         self.bn_path = tuple(pair.bn_name[skip:].split('.'))
         #: None: a frame handler arms each call (``armed``)
         self.chains = tuple(pair.chains) if pair.handler is None else None
+        #: the frame's plain attributes its traced forward read, and their
+        #: values then
+        self.frame_state = tuple(pair.frame_state)
+        names = [name for name, _ in self.frame_state]
+        if names and all(name in frame.__dict__ for name in names):
+            # one C call compares them all, at every call
+            self._state_get = operator.itemgetter(*names)
+            values = tuple(value for _, value in self.frame_state)
+            self._state_values = values if len(values) > 1 else values[0]
+        #: the dimensions of a batched input of the conv
+        self.input_dim = len(conv.kernel_size) + 2
         self.conv_type, self.bn_type = type(conv), type(bn)
         self.batch = None
         self.index = -1
@@ -351,6 +390,18 @@ class TunePair:
             )
         if swapped:
             return SWAPPED
+        if self.frame_state:
+            get = self._state_get
+            try:
+                same = get is not None and (
+                    get(frame.__dict__) == self._state_values
+                )
+            except KeyError:
+                same = False
+            if not same:
+                reason = state_problem(frame, self.frame_state)
+                if reason is not None:
+                    return reason
         reason = hooks_problem(conv, bn)
         if reason is not None:
             return reason
@@ -372,8 +423,13 @@ class TunePair:
                 parsed = args[0], None
             else:
                 parsed = _conv_args(args, kwargs, conv.transposed)
-                if parsed is None:
-                    reason = ARGUMENTS
+            dim = self.input_dim
+            if dim is None:
+                dim = self.input_dim = len(conv.kernel_size) + 2
+            if parsed is None:
+                reason = ARGUMENTS
+            elif parsed[0].dim() != dim:
+                reason = UNBATCHED
         if reason is not None:
             self.computed[reason] = self.computed.get(reason, 0) + 1
             return type(conv).forward(conv, *args, **kwargs)
@@ -446,13 +502,19 @@ class SharedConv:
 class ForwardScope:
     """One call of the model that was turned on: its forward pre-hook and
     forward hook. Whatever tune mode folds inside the call is let go when
-    it returns; a pending output left by an interrupted call is dropped
-    when the next one begins."""
+    it returns. A call that returns normally while a conv's output never
+    reached its BN diverged from the analysis: the pair is warned about and
+    computes as in eval mode from then on. A pending output left by an
+    interrupted call is dropped when the next one begins; so is the whole
+    scope of a call that a ``BaseException`` (``KeyboardInterrupt``)
+    interrupted, which runs no forward hook: the next call finds its
+    outer call no longer running and begins anew."""
 
     def __init__(self, pairs: List[TunePair], batch: Optional[FoldBatch]):
         self.pairs = pairs
         self.batch = batch
         self.depth = 0
+        self.outer = None  # the Python frame of the outermost call
 
     def __getstate__(self):
         return {'pairs': self.pairs, 'batch': self.batch}
@@ -460,12 +522,24 @@ class ForwardScope:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self.depth = 0
+        self.outer = None
+
+    def _outer_running(self) -> bool:
+        frame = sys._getframe(2)
+        while frame is not None:
+            if frame is self.outer:
+                return True
+            frame = frame.f_back
+        return False
 
     def enter(self, module, args) -> None:
         if is_compiling():
             return
+        if self.depth and not self._outer_running():
+            self.depth = 0  # interrupted without its forward hook
         self.depth += 1
         if self.depth == 1:
+            self.outer = sys._getframe(1)
             for pair in self.pairs:
                 pair.pending = None
             if self.batch is not None:
@@ -475,8 +549,18 @@ class ForwardScope:
         if is_compiling() or self.depth == 0:
             return
         self.depth -= 1
-        if self.depth == 0 and self.batch is not None:
+        if self.depth:
+            return
+        self.outer = None
+        if self.batch is not None:
             self.batch.close()
+        if sys.exc_info()[0] is None:  # returned, not raised
+            for pair in self.pairs:
+                if pair.pending is not None:
+                    pair._diverged(
+                        f'the output of {pair.conv_name} never reached '
+                        f'{pair.bn_name} in a call of the model'
+                    )
 
 
 def conv_runtimes(conv: nn.Module) -> List[TunePair]:

@@ -9,6 +9,7 @@ pairs really folded."""
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -472,3 +473,260 @@ def test_a_model_on_the_meta_device_folds_as_eval_mode_runs(batch):
     assert tuned.bn2.weight.grad.shape == (4,)
     counts = report.fold_counts()
     assert all(c.folded == 1 and not c.computed for c in counts.values())
+
+
+# --------------------------- Python state the trace could not see through
+class DomainBN(nn.Module):
+    """The BN is chosen by an attribute (domain-specific BN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bns = nn.ModuleList([nn.BatchNorm2d(4), nn.BatchNorm2d(4)])
+        self.domain = 0
+
+    def forward(self, x):
+        return self.bns[self.domain](self.conv(x))
+
+
+class Flags(nn.Module):
+    """Branches on attributes that can change after turn-on."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.scale_pre = False
+        self.return_pre = False
+
+    def forward(self, x):
+        z = self.conv(x)
+        if self.scale_pre:
+            z = z * 2
+        y = self.bn(z)
+        return (y, z) if self.return_pre else y
+
+
+def _computed_reasons(report):
+    return [r for c in report.fold_counts().values() for r in c.computed]
+
+
+@pytest.mark.parametrize('batch', BATCH)
+def test_a_bn_chosen_by_an_attribute_folds_only_while_it_is_traced_one(
+    batch,
+):
+    ref, tuned, report = _tuned(_prepare(DomainBN()), batch, expect=1)
+    assert report.converted == [('conv', 'bns.0')]
+    x = _x()
+    _check(ref, tuned, x, report)
+    ref.domain = tuned.domain = 1
+    report.reset_counts()
+    assert compare_models(ref, tuned, [x], rtol=1e-10) == []
+    (reason,) = set(_computed_reasons(report))
+    assert "attribute 'domain' is 1" in reason and 'traced with 0' in reason
+    ref.domain = tuned.domain = 0
+    _check(ref, tuned, x, report)
+
+
+@pytest.mark.parametrize('batch', BATCH)
+@pytest.mark.parametrize('flag', ['scale_pre', 'return_pre'])
+def test_flags_changed_after_turn_on_compute_as_the_modules_do(flag, batch):
+    ref, tuned, report = _tuned(_prepare(Flags()), batch, expect=1)
+    x = _x()
+    for model in (ref, tuned):
+        setattr(model, flag, True)
+    report.reset_counts()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no divergence: not folded at all
+        outs = [model(x) for model in (ref, tuned)]
+    for a, b in zip(*[o if isinstance(o, tuple) else (o,) for o in outs]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    assert compare_models(ref, tuned, [x], rtol=1e-10) == []
+    assert all(flag in r for r in _computed_reasons(report))
+    for model in (ref, tuned):
+        setattr(model, flag, False)
+    _check(ref, tuned, x, report)
+
+
+class Stores(nn.Module):
+    """Keeps the conv output (or a value computed from it) on itself,
+    where the traced dataflow does not show it."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.feats = []
+        self.how = how
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.how == 'append':
+            self.feats.append(x)
+        elif self.how == 'derived':
+            self.feats.append(x.detach().mean())
+        else:
+            self.pre = x
+        return self.bn(x)
+
+
+@pytest.mark.parametrize('how', ['append', 'derived', 'attribute'])
+def test_a_conv_output_stored_on_the_frame_is_not_paired(how):
+    model = _prepare(Stores(how))
+    report = turn_on_fast_conv_bn_eval(model)
+    assert report.converted == [] and len(report.skipped) == 1
+    # the analysis's traces left the frame as they found it
+    assert model.feats == [] and 'pre' not in model.__dict__
+    ref = _prepare(Stores(how))
+    ref.load_state_dict(model.state_dict())
+    assert compare_models(ref, model, [_x()], rtol=1e-12) == []
+
+
+class Counts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.bn(self.conv(x))
+
+
+def test_a_forward_that_changes_what_it_reads_is_skipped_and_left_alone():
+    model = _prepare(Counts())
+    report = turn_on_fast_conv_bn_eval(model)
+    assert report.converted == []
+    assert "changes the attribute 'calls'" in str(report)
+    assert model.calls == 0
+
+
+@pytest.mark.parametrize('batch', BATCH)
+def test_an_unbatched_input_computes_as_the_modules_do(batch):
+    """An unbatched ``(C, L)`` input of a Conv1d: its BatchNorm1d takes the
+    conv's output channels for a batch, which folding cannot reproduce."""
+
+    class Seq1d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 5, 3, padding=1)
+            self.bn = nn.BatchNorm1d(5)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    ref, tuned, report = _tuned(_prepare(Seq1d()), batch, expect=1)
+    x = _x(3, 5)
+    assert compare_models(ref, tuned, [x], rtol=1e-12) == []
+    assert all('unbatched' in r for r in _computed_reasons(report))
+    _check(ref, tuned, _x(2, 3, 5), report)  # a batch folds
+    # where eval mode raises, tune mode raises the same
+    ref2, tuned2, _ = _tuned(_prepare(TorchvisionStyle()), batch, expect=2)
+    for model in (ref2, tuned2):
+        with pytest.raises(ValueError, match='expected 4D input'):
+            model(_x(3, 6, 6))
+
+
+@pytest.mark.parametrize('batch', BATCH)
+def test_a_model_made_under_inference_mode_runs_there(batch):
+    with torch.inference_mode():
+        ref = _prepare(TorchvisionStyle())
+        tuned = copy.deepcopy(ref)
+        report = turn_on_fast_conv_bn_eval(tuned, batch=batch)
+        torch.testing.assert_close(tuned(_x()), ref(_x()))
+    counts = report.fold_counts()
+    assert all(c.folded == 1 for c in counts.values())
+
+
+class ClampsInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(x))
+        with torch.no_grad():  # in place, after the batch folded
+            self.conv2.weight.clamp_(-0.2, 0.2)
+            self.bn2.weight.clamp_(-0.9, 0.9)
+        return self.bn2(self.conv2(x))
+
+
+@pytest.mark.parametrize('batch', BATCH)
+def test_parameters_changed_in_place_inside_the_forward(batch):
+    ref, tuned, report = _tuned(_prepare(ClampsInForward()), batch, expect=2)
+    _check(ref, tuned, _x(), report)
+
+
+class Interrupted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.interrupt = False
+
+    def forward(self, x):
+        x = self.bn1(self.conv1(x))
+        if self.interrupt:
+            raise KeyboardInterrupt  # Ctrl-C: no forward hook runs
+        return self.bn2(self.conv2(x))
+
+
+@pytest.mark.parametrize('batch', BATCH)
+def test_a_call_interrupted_by_keyboard_interrupt_leaves_nothing_stale(
+    batch,
+):
+    ref, tuned, report = _tuned(_prepare(Interrupted()), batch, expect=2)
+    tuned.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        tuned(_x())
+    tuned.interrupt = False
+    with torch.no_grad():  # an EMA-style swap through .data
+        for model in (ref, tuned):
+            model.conv2.weight.data.mul_(-2.0)
+            model.bn2.running_var.data.mul_(3.0)
+    _check(ref, tuned, _x(), report)
+    if batch:
+        (fold_batch,) = fold_batches(tuned)
+        assert fold_batch.folds >= 2  # the next calls batch again
+
+
+_GLOBAL_FLAGS = {'skip_bn': False}
+
+
+class GlobalBranch(nn.Module):
+    """Branches on a global, which no analysis of the frame can watch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        z = self.conv(x)
+        return z if _GLOBAL_FLAGS['skip_bn'] else self.bn(z)
+
+
+@pytest.mark.parametrize('batch', BATCH)
+def test_a_call_that_returns_before_the_bn_is_warned_about_and_stops_it(
+    batch,
+):
+    """The known limit: a branch on a global is decided at trace time. A
+    call that returns while a conv's output never reached its BN is
+    reported (that call's value was folded) and the pair stops folding."""
+    ref, tuned, report = _tuned(_prepare(GlobalBranch()), batch, expect=1)
+    _GLOBAL_FLAGS['skip_bn'] = True
+    try:
+        with pytest.warns(RuntimeWarning, match='never reached bn'):
+            tuned(_x())
+        assert compare_models(ref, tuned, [_x()], rtol=1e-12) == []
+    finally:
+        _GLOBAL_FLAGS['skip_bn'] = False
+    report.reset_counts()
+    assert compare_models(ref, tuned, [_x()], rtol=1e-12) == []
+    assert all('diverged' in r for r in _computed_reasons(report))
