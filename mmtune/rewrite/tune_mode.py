@@ -218,6 +218,30 @@ def fold_forward(
     )
 
 
+class PlainReplica:
+    """The instance ``_replicate_for_data_parallel`` of a module that tune
+    mode gave a forward: an ``nn.DataParallel`` replica copies the
+    instance's ``__dict__``, so its forward would be the original pair's,
+    folding the original modules' tensors (on another device: an error).
+    The replica gets its class's own forward instead: it computes as in
+    eval mode, from its own tensors, and is not counted."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self) -> nn.Module:
+        module = self.module
+        replica = type(module)._replicate_for_data_parallel(module)
+        for key in ('forward', '_replicate_for_data_parallel'):
+            replica.__dict__.pop(key, None)
+        return replica
+
+
+def _mark_plain_replicas(*modules: nn.Module) -> None:
+    for module in modules:
+        module._replicate_for_data_parallel = PlainReplica(module)
+
+
 class TunePair:
     """The runtime of one Conv->BN pair in tune mode.
 
@@ -287,6 +311,7 @@ class TunePair:
         conv_fn, bn_fn = self.conv_forward, self.bn_forward
         self.conv.forward = conv_fn
         self.bn.forward = bn_fn
+        _mark_plain_replicas(self.conv, self.bn)
         self.conv_owner = (self, TunePair.conv_forward)
         self._installed = (conv_fn, bn_fn)
 
@@ -487,8 +512,10 @@ class SharedConv:
         """Make :meth:`forward` the conv's instance forward, and each
         pair's BN forward its own."""
         self.conv.forward = self.forward
+        _mark_plain_replicas(self.conv)
         for pair in self.pairs:
             pair.bn.forward = pair.bn_forward
+            _mark_plain_replicas(pair.bn)
             pair.conv_owner = (self, SharedConv.forward)
             pair._installed = (None, None)
 
@@ -717,6 +744,10 @@ def turn_off_fast_conv_bn_eval(model: nn.Module) -> int:
         if is_mmtune_forward(instance_forward(module)):
             del module.forward
             count += 1
+        if isinstance(
+            module.__dict__.get('_replicate_for_data_parallel'), PlainReplica
+        ):
+            del module.__dict__['_replicate_for_data_parallel']
         for hooks in (
             module._forward_pre_hooks,
             module._forward_hooks,

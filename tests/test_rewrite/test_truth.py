@@ -730,3 +730,34 @@ def test_a_call_that_returns_before_the_bn_is_warned_about_and_stops_it(
     report.reset_counts()
     assert compare_models(ref, tuned, [_x()], rtol=1e-12) == []
     assert all('diverged' in r for r in _computed_reasons(report))
+
+
+def _replicate(module, scale=1.5):
+    """What ``nn.parallel.replicate`` does to each module, with the
+    replica's own parameter copies (scaled, to tell which are used)."""
+    modules = list(module.modules())
+    replicas = [m._replicate_for_data_parallel() for m in modules]
+    index = {id(m): i for i, m in enumerate(modules)}
+    for m, r in zip(modules, replicas):
+        for key, child in m._modules.items():
+            r._modules[key] = replicas[index[id(child)]]
+        for key, p in m._parameters.items():
+            r._parameters[key] = None if p is None else p.detach() * scale
+        for key, b in m._buffers.items():
+            r._buffers[key] = None if b is None else b.clone()
+    return replicas[0]
+
+
+@pytest.mark.parametrize('batch', BATCH)
+def test_data_parallel_replicas_compute_from_their_own_tensors(batch):
+    ref, tuned, report = _tuned(_prepare(TorchvisionStyle()), batch, 2)
+    replica = _replicate(tuned)
+    assert not any('forward' in m.__dict__ for m in replica.modules())
+    torch.testing.assert_close(_replicate(tuned)(_x()), _replicate(ref)(_x()))
+    _check(ref, tuned, _x(), report)  # the original still folds
+    from mmtune import turn_off_fast_conv_bn_eval
+
+    turn_off_fast_conv_bn_eval(tuned)
+    assert not any(
+        '_replicate_for_data_parallel' in m.__dict__ for m in tuned.modules()
+    )
