@@ -418,8 +418,11 @@ class TunePair:
         if self.frame_state:
             get = self._state_get
             try:
-                same = get is not None and (
-                    get(frame.__dict__) == self._state_values
+                # (torch.compile traces the plain loop below)
+                same = (
+                    get is not None
+                    and not is_compiling()
+                    and get(frame.__dict__) == self._state_values
                 )
             except KeyError:
                 same = False
