@@ -157,6 +157,36 @@ def test_check_fails_when_a_converted_pair_never_folds(
     assert 'called from outside the forward that the analysis traced' in log
 
 
+def test_check_batched_folding_on_the_cpu(check_tool, demo_env, capsys):
+    """``--batch on``: the GPU's batched path, checked on a CPU."""
+    status = check_tool.main(
+        [DEMO, '--batch-size', '1', '--batch', 'on', *SMALL_DEMO]
+    )
+    log = capsys.readouterr().out
+    assert status == 0, log[-5000:]
+    assert log.count(': match') == 3
+    assert '20 of 20 converted pairs folded at every call' in log
+
+
+def test_a_loss_that_is_zero_up_to_round_off_is_not_a_mismatch(check_tool):
+    """A per-level loss of -1e-10 (no positives at that level) next to a
+    sum of 112: off by 3e-16, that is 3e-6 of itself and nothing of the
+    pass; a real difference still is a mismatch."""
+
+    def t(value):
+        return torch.tensor(value, dtype=torch.float64)
+
+    ref = ({'sum': t(112.6), 'level4': t(-1.0924e-10)}, {})
+    close = ({'sum': ref[0]['sum'], 'level4': t(-1.0924e-10 - 2.8e-16)}, {})
+    assert (
+        check_tool.relative_error(close[0]['level4'], ref[0]['level4']) > 1e-6
+    )
+    assert check_tool.compare_passes(ref, close, 1e-6)[0] == []
+    far = ({'sum': ref[0]['sum'], 'level4': t(3e-3)}, {})
+    (problem,), _ = check_tool.compare_passes(ref, far, 1e-6)
+    assert problem.startswith('level4: relative error')
+
+
 def test_check_classifier_and_bad_arguments(check_tool, capsys):
     status = check_tool.main([CLS, '--dtype', 'float32', *SMALL_CLS])
     log = capsys.readouterr().out

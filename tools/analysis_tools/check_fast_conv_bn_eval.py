@@ -5,10 +5,13 @@ config's model and a real batch.
     python tools/analysis_tools/check_fast_conv_bn_eval.py CONFIG \\
         [--checkpoint CKPT] [--batch-size N] [--synthetic] [--img-size H W] \\
         [--dtype float64|float32] [--rtol R] [--device cpu|cuda] \\
-        [--cfg-options ...]
+        [--batch auto|on|off] [--cfg-options ...]
 
 1. Turns tune mode on in a copy of the model and prints the report: the
-   Conv+BN pairs converted, and those skipped with the reason.
+   Conv+BN pairs converted, and those skipped with the reason. ``--batch``
+   is its ``batch`` argument: ``auto`` (the default: batched on CUDA),
+   ``on`` (batched on every device: the GPU's path, checked on a CPU) or
+   ``off`` (pair by pair).
 2. Runs the model (``mode='tensor'`` and ``mode='loss'``) with hooks that
    find the pairs really computed (a BN receiving exactly a conv's output)
    and lists those found at run time but not converted.
@@ -115,6 +118,12 @@ def parse_args(argv=None):
     )
     parser.add_argument('--seed', type=int, default=0, help='random seed')
     parser.add_argument(
+        '--batch',
+        choices=['auto', 'on', 'off'],
+        default='auto',
+        help="tune mode's batch argument: auto (batched on CUDA), on, off",
+    )
+    parser.add_argument(
         '--cfg-options',
         nargs='+',
         action=DictAction,
@@ -200,20 +209,42 @@ def loss_pass(model, inputs, data_samples, seed: int) -> Pass:
     return values, _grads(model, x)
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``max|a - b| / max|b|``; infinite if the shapes differ."""
+def relative_error(
+    a: torch.Tensor, b: torch.Tensor, floor: float = 0.0
+) -> float:
+    """``max|a - b| / max(max|b|, floor)``; infinite if the shapes
+    differ."""
     if a.shape != b.shape:
         return math.inf
     if a.numel() == 0:
         return 0.0
-    return max_relative_error(a, b)
+    scale = b.detach().abs().max().item()
+    if scale >= floor:
+        return max_relative_error(a, b)
+    return (a.detach() - b.detach()).abs().max().item() / floor
+
+
+#: A tensor is compared relative to at least this fraction of the largest
+#: magnitude among the tensors of its kind in the pass: a loss that is zero
+#: up to round-off (an FPN level without positives: -1e-10 against a sum
+#: of 112) has no magnitude of its own to be relative to.
+FLOOR = 1e-6
+
+
+def _floor(tensors: Dict[str, torch.Tensor]) -> float:
+    peaks = [
+        t.detach().abs().max().item() for t in tensors.values() if t.numel()
+    ]
+    return FLOOR * max(peaks, default=0.0)
 
 
 def compare_passes(
     ref: Pass, cand: Pass, allowed: float, skip: FrozenSet[str] = frozenset()
 ) -> Tuple[List[str], float]:
     """Mismatches of tune mode (``cand``) against eval mode (``ref``): each
-    tensor may be off by ``allowed`` (relative to its largest magnitude).
+    tensor may be off by ``allowed`` (relative to its largest magnitude, or
+    to :data:`FLOOR` times the largest of its kind in the pass when that is
+    more).
     Tensors named in ``skip`` (``'grad of '`` before gradients' names) are
     left out.
 
@@ -228,8 +259,9 @@ def compare_passes(
                 f'{kind or "values"}: only in one of them: '
                 f'{sorted(set(a) ^ set(b))}'
             )
+        floor = _floor(a)
         for name in [k for k in a if k in b and kind + k not in skip]:
-            err = relative_error(b[name], a[name])
+            err = relative_error(b[name], a[name], floor)
             worst = max(worst, err)
             if not err <= allowed:  # NaN fails too
                 detail = (
@@ -378,7 +410,8 @@ def _main(args) -> int:
 def _check(args, model, inputs, data_samples) -> int:
     reference = model
     candidate = copy.deepcopy(model)
-    report = turn_on_fast_conv_bn_eval(candidate)
+    batch = {'auto': 'auto', 'on': True, 'off': False}[args.batch]
+    report = turn_on_fast_conv_bn_eval(candidate, batch=batch)
     print(report)
 
     found = runtime_pairs(reference, inputs, data_samples, args.seed)
