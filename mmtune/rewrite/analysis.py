@@ -194,15 +194,15 @@ def _look_through_checkpoint():
         torch.utils.checkpoint.checkpoint = original
 
 
-_PLAIN_TYPES = (bool, int, float, str, type(None))
+_PLAIN_TYPES = (bool, int, float, str, type(None), enum.Enum)
 #: What an ``nn.Module`` itself keeps in its ``__dict__`` (not the frame's
 #: own state: not put back after a trace, not searched for tensors)
 _MODULE_KEYS = frozenset(nn.Module().__dict__)
 
 
 def _is_plain(value) -> bool:
-    """Whether ``value`` is a flag, number, string, None or a tuple of
-    them: what a forward's Python may branch or index on."""
+    """Whether ``value`` is a flag, number, string, enum member, None or a
+    tuple of them: what a forward's Python may branch or index on."""
     if type(value) is tuple:
         return all(isinstance(v, _PLAIN_TYPES) for v in value)
     return isinstance(value, _PLAIN_TYPES)

@@ -8,6 +8,7 @@ random BN statistics) and counts ``F.batch_norm`` calls to tell whether the
 pairs really folded."""
 
 import copy
+import enum
 import pickle
 import warnings
 
@@ -761,3 +762,30 @@ def test_data_parallel_replicas_compute_from_their_own_tensors(batch):
     assert not any(
         '_replicate_for_data_parallel' in m.__dict__ for m in tuned.modules()
     )
+
+
+class _Mode(enum.Enum):
+    PLAIN = 'plain'
+    TWICE = 'twice'
+
+
+class EnumBranch(Flags):
+    def __init__(self):
+        super().__init__()
+        self.mode = _Mode.PLAIN
+
+    def forward(self, x):
+        z = self.conv(x)
+        if self.mode is _Mode.TWICE:
+            z = z * 2
+        return self.bn(z)
+
+
+@pytest.mark.parametrize('batch', BATCH)
+def test_an_enum_attribute_is_watched_like_a_flag(batch):
+    ref, tuned, report = _tuned(_prepare(EnumBranch()), batch, expect=1)
+    for model in (ref, tuned):
+        model.mode = _Mode.TWICE
+    report.reset_counts()
+    assert compare_models(ref, tuned, [_x()], rtol=1e-10) == []
+    assert all("'mode'" in r for r in _computed_reasons(report))
