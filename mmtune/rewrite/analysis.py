@@ -26,9 +26,10 @@ BN once from all paths: a :class:`Pair`, or a skip record with the reason.
 A trace runs the forward's Python with the current values of the frame's
 own attributes: ``if self.flag:`` or ``self.bns[self.domain]`` are decided
 by them, not traced. So the analysis records the plain attributes (bools,
-numbers, strings, None, tuples of them) that the forward reads from the
-frame, and tune mode folds a call only while they still have those values
-(a frame whose forward changes one it reads is skipped). A tensor that the
+numbers, strings, enum members, None, tuples of them) that the forward
+reads from the frame, and tune mode folds a call only while they still
+have those values (a frame whose forward changes one it reads is
+skipped). A tensor that the
 forward stores on the frame (``self.feats.append(x)``, ``self.pre = x``)
 leaves the traced dataflow: a conv whose output, or anything computed from
 it, is found stored in the frame's attributes after a trace is not paired.
