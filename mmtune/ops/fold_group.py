@@ -202,33 +202,39 @@ def _check_versions(plan, gammas, versions, used) -> None:
 
 def _backward_autograd(ctx, grads, used) -> tuple:
     """The backward as a differentiable recomputation of the forward
-    (double backward)."""
+    (double backward), from the pairs whose outputs got gradients only: a
+    second derivative must not reach the others either (eval mode gives
+    them None, not zeros)."""
     plan, n = ctx.plan, ctx.n
     tensors = ctx.inputs
     _, _, inv_std, mean = ctx.saved_tensors
-    wanted = [
-        k
-        for k, t in enumerate(tensors)
-        if t is not None and ctx.needs_input_grad[2 + k] and used[k % n]
-    ]
     result: List[Optional[Tensor]] = [None] * (3 * n + 2)
+    pairs = [i for i in range(n) if used[i]]
+    wanted = [
+        k * n + i
+        for k in range(3)
+        for i in pairs
+        if tensors[k * n + i] is not None
+        and ctx.needs_input_grad[2 + k * n + i]
+    ]
     if not wanted:
         return tuple(result)
+    sub = FoldGroupPlan([plan.shapes[i] for i in pairs], plan.out_dtype)
+    means, inv_stds = mean.split(plan.channels), inv_std.split(plan.channels)
     with torch.enable_grad():
         scale, folded_b, _ = _vectors(
-            plan,
-            tensors[:n],
-            tensors[n : 2 * n],
-            tensors[2 * n : 3 * n],
-            mean,
-            inv_std,
+            sub,
+            *([tensors[k * n + i] for i in pairs] for k in range(3)),
+            torch.cat([means[i] for i in pairs]),
+            torch.cat([inv_stds[i] for i in pairs]),
         )
-        outs = _outputs(plan, scale, folded_b)
-    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        outs = _outputs(sub, scale, folded_b)
+    outer = [grads[i] for i in pairs] + [grads[n + i] for i in pairs]
+    given = [(o, g) for o, g in zip(outs, outer) if g is not None]
     got = torch.autograd.grad(
-        [o for o, _ in pairs],
+        [o for o, _ in given],
         [tensors[k] for k in wanted],
-        [g for _, g in pairs],
+        [g for _, g in given],
         create_graph=True,
         allow_unused=True,
     )

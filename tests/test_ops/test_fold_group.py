@@ -269,3 +269,19 @@ def test_only_per_channel_tensors_are_made_or_kept():
     for f, b, s in zip(factors, biases, SHAPES):
         assert f.shape == (s[0],) + (1,) * (len(s) - 1)
         assert b.shape == (s[0],)
+
+
+def test_double_backward_gives_an_unused_pair_no_gradient_at_all():
+    """Second derivatives must not reach a pair the loss does not use."""
+    pairs = _pairs(True, True)
+    gw, gb = _group(pairs)
+    params = _params(pairs)
+    loss = (gw[0] ** 3).sum() + (gb[0] ** 3).sum()
+    grads = torch.autograd.grad(
+        loss, params, create_graph=True, allow_unused=True
+    )
+    sum((g**2).sum() for g in grads if g is not None).backward()
+    for p in pairs[1:]:
+        for k in ('weight', 'bias', 'gamma', 'beta'):
+            assert p[k].grad is None, k
+    assert pairs[0]['gamma'].grad is not None
