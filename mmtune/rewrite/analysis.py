@@ -25,16 +25,18 @@ BN once from all paths: a :class:`Pair`, or a skip record with the reason.
 
 A trace runs the forward's Python with the current values of the frame's
 own attributes: ``if self.flag:`` or ``self.bns[self.domain]`` are decided
-by them, not traced. So the analysis records the plain attributes (bools,
-numbers, strings, enum members, None, tuples of them) that the forward
-reads from the frame, and tune mode folds a call only while they still
-have those values (a frame whose forward changes one it reads is
-skipped). A tensor that the
-forward stores on the frame (``self.feats.append(x)``, ``self.pre = x``)
-leaves the traced dataflow: a conv whose output, or anything computed from
-it, is found stored in the frame's attributes after a trace is not paired.
-Each trace is undone: the frame's attributes, and the contents of the
-lists, dicts and sets among them, are put back as they were.
+by them, not traced. So the analysis watches the attributes that the
+forward's code reads as ``self.name`` (from the bytecode of the forward,
+its nested functions, the helpers on the call chains and the frame's own
+methods and properties they read) whose values are plain (:func:`_is_plain`),
+and tune mode folds a call only while each has its traced value, of the
+same type (:func:`same_value`); a frame whose forward changes one it reads
+is skipped. A tensor that the forward stores on the frame
+(``self.feats.append(x)``, ``self.pre = x``) leaves the traced dataflow: a
+conv whose output, or anything computed from it, is found stored in the
+frame's attributes after a trace is not paired. Each trace is undone: the
+frame's attributes, and the contents of the containers among them, are put
+back as they were, and so are the random generators.
 
 For every module call it traces, the analysis also records the call chain:
 the code objects from the function that called the module up to the
@@ -44,9 +46,14 @@ comes through one of the chains of its conv, so the run time folds exactly
 where the trace looked.
 """
 
+import collections
 import contextlib
+import copy
+import dis
 import enum
+import inspect
 import os
+import random
 import sys
 import types
 from collections import Counter, defaultdict
@@ -64,6 +71,7 @@ from typing import (
     Union,
 )
 
+import numpy
 import torch
 import torch.fx as fx
 import torch.utils.checkpoint
@@ -195,92 +203,183 @@ def _look_through_checkpoint():
         torch.utils.checkpoint.checkpoint = original
 
 
-_PLAIN_TYPES = (bool, int, float, str, type(None), enum.Enum)
+_PLAIN_TYPES = (
+    bool,
+    int,
+    float,
+    str,
+    type(None),
+    enum.Enum,
+    numpy.generic,
+)
 #: What an ``nn.Module`` itself keeps in its ``__dict__`` (not the frame's
 #: own state: not put back after a trace, not searched for tensors)
 _MODULE_KEYS = frozenset(nn.Module().__dict__)
+#: How many plain items a list, tuple or dict attribute may hold to be
+#: watched by value (``self.cfg['res']``)
+_MAX_WATCHED_ITEMS = 32
 
 
 def _is_plain(value) -> bool:
-    """Whether ``value`` is a flag, number, string, enum member, None or a
-    tuple of them: what a forward's Python may branch or index on."""
-    if type(value) is tuple:
-        return all(isinstance(v, _PLAIN_TYPES) for v in value)
-    return isinstance(value, _PLAIN_TYPES)
+    """Whether ``value`` is a flag, number, string, enum member, None, a
+    tuple of them (``torch.Size`` too), or a small list or dict of them:
+    what a forward's Python may branch or index on."""
+    if isinstance(value, _PLAIN_TYPES):
+        return True
+    if isinstance(value, dict):
+        items = list(value.keys()) + list(value.values())
+    elif isinstance(value, (tuple, list)):
+        items = value
+    else:
+        return False
+    return len(items) <= 2 * _MAX_WATCHED_ITEMS and all(
+        isinstance(v, _PLAIN_TYPES) for v in items
+    )
+
+
+def _frozen(value):
+    """A copy of a plain value that later changes of the attribute's
+    contents (a dict entry set) cannot reach."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, list):
+        return list(value)
+    return value
 
 
 class _Unstable(Exception):
     """The forward changes an attribute of the frame that it reads."""
 
 
-@contextlib.contextmanager
-def _recording_reads(frame: nn.Module, reads: Dict[str, object]):
-    """Record in ``reads`` the plain attributes that code reads from
-    ``frame`` inside the block (the first value read of each; names that
-    ``nn.Module`` itself defines, such as ``training``, are left out): the
-    frame's class is a recording subclass meanwhile."""
+_SELF_LOADS = frozenset(
+    ('LOAD_FAST', 'LOAD_DEREF', 'LOAD_FAST_CHECK', 'LOAD_FAST_BORROW')
+)
+
+
+def _loads_self(ins) -> bool:
+    if ins.opname in _SELF_LOADS:
+        return ins.argval == 'self'
+    if ins.opname.startswith('LOAD_FAST_LOAD_FAST'):  # (a, b): b on top
+        return isinstance(ins.argval, tuple) and ins.argval[-1] == 'self'
+    return False
+
+
+def _self_attribute_names(frame: nn.Module, codes) -> Set[str]:
+    """The attributes that ``codes`` (the frame's forward, its helpers)
+    read as ``self.name``: from their bytecode, nested functions and the
+    frame's own methods and properties that they read included."""
     cls = type(frame)
-    base = cls.__getattribute__
+    names: Set[str] = set()
+    todo = [c for c in codes if isinstance(c, types.CodeType)]
+    seen: Set[types.CodeType] = set()
+    while todo:
+        code = todo.pop()
+        if code in seen:
+            continue
+        seen.add(code)
+        todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        prev = before = None
+        for ins in dis.get_instructions(code):
+            on_self = prev is not None and (
+                _loads_self(prev)
+                # self.n += 1: LOAD self, COPY, LOAD_ATTR n
+                or (
+                    prev.opname in ('COPY', 'DUP_TOP')
+                    and before is not None
+                    and _loads_self(before)
+                )
+            )
+            if (
+                ins.opname in ('LOAD_ATTR', 'LOAD_METHOD', 'STORE_ATTR')
+                and on_self
+                and isinstance(ins.argval, str)
+                and ins.argval not in names
+            ):
+                name = ins.argval
+                names.add(name)
+                found = inspect.getattr_static(cls, name, None)
+                if isinstance(found, property):
+                    found = found.fget
+                found = getattr(found, '__func__', found)
+                if isinstance(found, types.FunctionType):
+                    todo.append(inspect.unwrap(found).__code__)
+            prev, before = ins, prev
+    return names
 
-    def __getattribute__(self, name):
-        value = base(self, name)
+
+def _watched_values(frame: nn.Module, names: Set[str]) -> Dict[str, object]:
+    """The plain values of the attributes ``names`` (left out: what
+    ``nn.Module`` itself defines, such as ``training``, and names the
+    frame does not have)."""
+    values: Dict[str, object] = {}
+    for name in names:
         if (
-            name not in reads
-            and not name.startswith('__')
-            and _is_plain(value)
-            and name not in _MODULE_KEYS
-            and not hasattr(nn.Module, name)
+            name.startswith('__')
+            or name in _MODULE_KEYS
+            or hasattr(nn.Module, name)
         ):
-            reads[name] = value
-        return value
+            continue
+        try:
+            value = getattr(frame, name)
+        except Exception:  # noqa: BLE001 (a property that fails: unwatched)
+            continue
+        if _is_plain(value):
+            values[name] = _frozen(value)
+    return values
 
-    recording = type(
-        cls.__name__,
-        (cls,),
-        {
-            '__getattribute__': __getattribute__,
-            '__module__': cls.__module__,
-            '__qualname__': cls.__qualname__,
-        },
-    )
-    try:
-        frame.__class__ = recording
-    except TypeError:  # a class whose instances cannot change class
-        yield
+
+def same_value(a, b) -> bool:
+    """Equal and of the same type (``1`` is not ``True``), item by item
+    for lists, tuples and dicts."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(map(same_value, a, b))
+    return a == b
+
+
+_CONTAINERS = (list, dict, set, collections.deque)
+
+
+def _containers(value, depth: int, found: Dict[int, tuple]) -> None:
+    """The mutable containers in ``value``, three levels deep, each with a
+    copy of its contents (``found``: id -> (container, copy))."""
+    if depth > 3 or not isinstance(value, _CONTAINERS + (tuple,)):
         return
-    try:
-        yield
-    finally:
-        frame.__class__ = cls
-
-
-_CONTAINERS = (list, dict, set)
+    if id(value) in found:
+        return
+    if not isinstance(value, tuple):
+        found[id(value)] = (value, copy.copy(value))
+    items = value.values() if isinstance(value, dict) else value
+    for item in list(items):
+        _containers(item, depth + 1, found)
 
 
 def _snapshot(frame: nn.Module) -> tuple:
     state = dict(frame.__dict__)
-    contents = {
-        key: value.copy()
-        for key, value in state.items()
-        if key not in _MODULE_KEYS and type(value) in _CONTAINERS
-    }
-    return state, contents
+    found: Dict[int, tuple] = {}
+    for key, value in state.items():
+        if key not in _MODULE_KEYS:
+            _containers(value, 1, found)
+    return state, list(found.values())
 
 
 def _restore(frame: nn.Module, snapshot: tuple) -> None:
-    """Put the frame's attributes back as :func:`_snapshot` saw them."""
+    """Put the frame's attributes back as :func:`_snapshot` saw them, and
+    the contents of the lists, dicts, sets and deques among them."""
     state, contents = snapshot
     attrs = frame.__dict__
     for key in [k for k in attrs if k not in state]:
         del attrs[key]
     attrs.update(state)
-    for key, saved in contents.items():
-        value = state[key]
+    for value, saved in contents:
         value.clear()
-        if type(value) is list:
-            value.extend(saved)
-        else:
+        if isinstance(value, dict) or isinstance(value, set):
             value.update(saved)
+        else:
+            value.extend(saved)
 
 
 def _stored_proxies(frame: nn.Module) -> List[fx.Proxy]:
@@ -299,7 +398,7 @@ def _stored_proxies(frame: nn.Module) -> List[fx.Proxy]:
         if isinstance(value, fx.Proxy):
             found.append(value)
         elif (
-            isinstance(value, (list, tuple, dict, set))
+            isinstance(value, _CONTAINERS + (tuple,))
             and depth < 3
             and id(value) not in seen
         ):
@@ -326,16 +425,6 @@ def _stored_calls(proxies: Sequence[fx.Proxy]) -> Set[str]:
     return targets
 
 
-def _merge_reads(into: Dict[str, object], reads: Dict[str, object]) -> None:
-    for name, value in reads.items():
-        if name in into and into[name] != value:
-            raise _Unstable(
-                f'its forward changes the attribute {name!r} that it reads '
-                f'({into[name]!r}, then {value!r})'
-            )
-        into[name] = value
-
-
 def _trace_all_paths(
     frame: nn.Module,
     chains: Dict[str, Set[Chain]],
@@ -347,26 +436,32 @@ def _trace_all_paths(
     plain attributes read to ``reads``."""
     graphs = []
     todo: List[List[bool]] = [[]]
+    forward = inspect.unwrap(type(frame).forward)
     while todo:
         prefix = todo.pop()
         tracer = _FrameTracer(prefix)
         snapshot = _snapshot(frame)
-        read: Dict[str, object] = {}
         try:
-            with _recording_reads(frame, read):
-                graph = tracer.trace(frame)
+            graph = tracer.trace(frame)
             stored = _stored_calls(_stored_proxies(frame))
-            _merge_reads(
-                read,
-                {
-                    name: getattr(frame, name, None)
-                    for name in read
-                    if name in frame.__dict__
-                },
-            )
+            codes = [getattr(forward, '__code__', None)] + [
+                code
+                for found in tracer.chains.values()
+                for chain in found
+                for code in chain
+            ]
+            names = _self_attribute_names(frame, codes)
+            after = _watched_values(frame, names)
         finally:
             _restore(frame, snapshot)
-        _merge_reads(reads, read)
+        before = _watched_values(frame, names)
+        for name, value in before.items():
+            if name in after and not same_value(after[name], value):
+                raise _Unstable(
+                    f'its forward changes the attribute {name!r} that it '
+                    f'reads ({value!r}, then {after[name]!r})'
+                )
+        reads.update(before)
         graphs.append((graph, stored))
         for target, found in tracer.chains.items():
             chains[target] |= found
@@ -664,12 +759,25 @@ def _trace_frames(
     traces = _Traces()
     flags = {m: m.training for m in model.modules()}
     try:
-        with _look_through_checkpoint():
+        with _look_through_checkpoint(), _random_states_kept():
             for name, frame in frames:
                 _trace_frame(model, name, frame, traces)
     finally:
         _set_training(model, flags)
     return traces
+
+
+@contextlib.contextmanager
+def _random_states_kept():
+    """Traces run forwards that may draw random numbers (stochastic
+    depth): Python's, numpy's and torch's generators are put back."""
+    python, nump = random.getstate(), numpy.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            numpy.random.set_state(nump)
 
 
 def _trace_frame(

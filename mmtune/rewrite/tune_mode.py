@@ -29,6 +29,7 @@ it.
 """
 
 import copy
+import gc
 import operator
 import sys
 import time
@@ -47,6 +48,7 @@ from .analysis import (
     Pair,
     find_pairs,
     resolve_roots,
+    same_value,
 )
 from .fold_batch import FoldBatch, check_batch_arg
 from .guards import (
@@ -99,16 +101,61 @@ UNBATCHED = (
 _MISSING = object()
 
 
+def _holds(container, tensor) -> bool:
+    """Whether ``container`` is ``tensor`` or holds it (two levels of
+    tuples, lists and dicts)."""
+    todo = [(container, 0)]
+    while todo:
+        value, depth = todo.pop()
+        if value is tensor:
+            return True
+        if depth < 2 and isinstance(value, (tuple, list, dict)):
+            items = value.values() if isinstance(value, dict) else value
+            todo.extend((item, depth + 1) for item in items)
+    return False
+
+
+def escaped(pair: 'TunePair', output=None) -> bool:
+    """Whether the folded output that ``pair`` holds as pending, which its
+    BN never received, is still in use: in ``output`` (what the model's
+    call returns), held by an object, or by a function still running. A
+    conv output that only finished frames hold (those of a forward that
+    raised, which the model caught) was never used: dropping it is no
+    divergence. Costly (it asks the garbage collector for the tensor's
+    referrers); called only where a pending output was left behind."""
+    tensor = pair.pending
+    if output is not None and _holds(output, tensor):
+        return True
+    running = set()
+    frame = sys._getframe(1)  # (materialises the running frames)
+    while frame is not None:
+        running.add(id(frame))
+        frame = frame.f_back
+    own = (pair.__dict__, sys._getframe(0))
+    for referrer in gc.get_referrers(tensor):
+        if any(referrer is o for o in own):
+            continue
+        if isinstance(referrer, types.FrameType) and id(referrer) not in (
+            running
+        ):
+            continue  # a finished frame, kept by a traceback
+        return True
+    return False
+
+
 def state_problem(frame: nn.Module, state) -> Optional[str]:
     """Why the frame's plain attributes that its traced forward read no
-    longer have the values it was traced with, or None (``state``:
+    longer have the values it was traced with (equal and of the same type,
+    lists and dicts item by item), or None (``state``:
     :attr:`~.analysis.Pair.frame_state`)."""
     attrs = frame.__dict__
     for name, value in state:
         now = attrs.get(name, _MISSING)
         if now is _MISSING:  # a class attribute or a property
             now = getattr(frame, name, _MISSING)
-        if now is not value and (now is _MISSING or now != value):
+        if now is not value and (
+            now is _MISSING or not same_value(now, value)
+        ):
             shown = 'gone' if now is _MISSING else repr(now)
             return (
                 f'the frame attribute {name!r} is {shown}; its forward was '
@@ -273,10 +320,16 @@ class TunePair:
         #: values then
         self.frame_state = tuple(pair.frame_state)
         names = [name for name, _ in self.frame_state]
-        if names and all(name in frame.__dict__ for name in names):
-            # one C call compares them all, at every call
+        values = tuple(value for _, value in self.frame_state)
+        if (
+            names
+            and all(frame.__dict__.get(n) is v for n, v in self.frame_state)
+            and not any(isinstance(v, (list, dict)) for v in values)
+        ):
+            # the same objects still there: two C calls compare them all
+            # at every call (a value replaced by an equal one takes the
+            # slow, exact comparison)
             self._state_get = operator.itemgetter(*names)
-            values = tuple(value for _, value in self.frame_state)
             self._state_values = values if len(values) > 1 else values[0]
         #: the dimensions of a batched input of the conv
         self.input_dim = len(conv.kernel_size) + 2
@@ -419,11 +472,18 @@ class TunePair:
             get = self._state_get
             try:
                 # (torch.compile traces the plain loop below)
-                same = (
-                    get is not None
-                    and not is_compiling()
-                    and get(frame.__dict__) == self._state_values
-                )
+                if get is None or is_compiling():
+                    same = False
+                elif len(self.frame_state) == 1:
+                    same = get(frame.__dict__) is self._state_values
+                else:
+                    same = all(
+                        map(
+                            operator.is_,
+                            get(frame.__dict__),
+                            self._state_values,
+                        )
+                    )
             except KeyError:
                 same = False
             if not same:
@@ -442,9 +502,12 @@ class TunePair:
     def conv_forward(self, *args, **kwargs) -> Tensor:
         conv = self.conv
         if self.pending is not None:
-            self._diverged(
-                f'the output of {self.conv_name} never reached {self.bn_name}'
-            )
+            if escaped(self):
+                self._diverged(
+                    f'the output of {self.conv_name} never reached '
+                    f'{self.bn_name}'
+                )
+            self.pending = None  # (a forward that raised left it: unused)
         reason = self.refusal()
         if reason is None:
             if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
@@ -586,7 +649,7 @@ class ForwardScope:
             self.batch.close()
         if sys.exc_info()[0] is None:  # returned, not raised
             for pair in self.pairs:
-                if pair.pending is not None:
+                if pair.pending is not None and escaped(pair, output):
                     pair._diverged(
                         f'the output of {pair.conv_name} never reached '
                         f'{pair.bn_name} in a call of the model'

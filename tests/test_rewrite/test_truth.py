@@ -7,11 +7,14 @@ Every case compares outputs and all gradients with eval mode (float64,
 random BN statistics) and counts ``F.batch_norm`` calls to tell whether the
 pairs really folded."""
 
+import collections
 import copy
 import enum
 import pickle
+import random
 import warnings
 
+import numpy
 import pytest
 import torch
 from torch import nn
@@ -789,3 +792,195 @@ def test_an_enum_attribute_is_watched_like_a_flag(batch):
     report.reset_counts()
     assert compare_models(ref, tuned, [_x()], rtol=1e-10) == []
     assert all("'mode'" in r for r in _computed_reasons(report))
+
+
+class TypeCheck(nn.Module):
+    """``type(self)`` must stay the frame's class while it is traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        z = self.conv(x)
+        y = self.bn(z)
+        if type(self) is TypeCheck:
+            y = y + z  # the conv output has a second consumer
+        return y
+
+
+_REGISTRY = []
+
+
+class Registered(nn.Module):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _REGISTRY.append(cls.__name__)
+
+
+class RegisteredBlock(Registered):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.res = False
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.res and x.requires_grad:  # a traced branch
+            y = y + x.mean()
+        return y
+
+
+class Stochastic(nn.Module):
+    """Draws random numbers in its forward (stochastic depth)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        drop = random.random() + numpy.random.rand() + torch.rand(1).item()
+        return y if drop < 10 else y * 0
+
+
+def test_the_analysis_leaves_classes_and_random_states_alone():
+    report = turn_on_fast_conv_bn_eval(_prepare(TypeCheck()))
+    assert report.converted == []  # type(self) is TypeCheck was traced
+    before = list(_REGISTRY)
+    stochastic, registered = Stochastic(), _prepare(RegisteredBlock())
+
+    def seed_and_draw():
+        random.seed(3)
+        numpy.random.seed(3)
+        torch.manual_seed(3)
+        return random.random(), numpy.random.rand(), torch.rand(1).item()
+
+    drawn = seed_and_draw()
+    random.seed(3)
+    numpy.random.seed(3)
+    torch.manual_seed(3)
+    report = turn_on_fast_conv_bn_eval(stochastic, batch=False)
+    assert report.converted == [('conv', 'bn')]
+    assert (random.random(), numpy.random.rand(), torch.rand(1).item()) == (
+        drawn
+    )
+    report = turn_on_fast_conv_bn_eval(registered)
+    assert report.converted == [('conv', 'bn')]
+    assert _REGISTRY == before  # no subclass made
+
+
+class Unusual(nn.Module):
+    """State the forward reads or keeps, of less common types."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.np_flag = numpy.bool_(False)
+        self.size = torch.Size([4])
+        self.cfg = {'res': False}
+        self.k = 1
+        self.od = collections.OrderedDict()
+        self.dd = collections.defaultdict(list)
+        self.nested = {'inputs': []}
+
+    def forward(self, x):
+        self.od['in'] = x
+        self.dd['in'].append(x)
+        self.nested['inputs'].append(x)
+        z = self.conv(x)
+        y = self.bn(z)
+        if self.np_flag or len(self.size) == 2 or self.cfg['res']:
+            y = y + z
+        if self.k is True:
+            y = y + z
+        return y
+
+
+@pytest.mark.parametrize(
+    'change',
+    [
+        lambda m: setattr(m, 'np_flag', numpy.bool_(True)),
+        lambda m: setattr(m, 'size', torch.Size([4, 4])),
+        lambda m: m.cfg.__setitem__('res', True),
+        lambda m: setattr(m, 'k', True),  # equal to 1, not the same
+    ],
+    ids=['numpy', 'size', 'dict-entry', 'one-to-true'],
+)
+def test_numpy_sizes_dicts_and_types_of_values_are_watched(change):
+    ref, tuned, report = _tuned(_prepare(Unusual()), False, expect=1)
+    # the traces put the containers back as they were
+    assert not tuned.od and not tuned.dd and tuned.nested == {'inputs': []}
+    for model in (ref, tuned):
+        change(model)
+    report.reset_counts()
+    assert compare_models(ref, tuned, [_x()], rtol=1e-10) == []
+    assert _computed_reasons(report)
+
+
+class KeepsInDeque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.recent = collections.deque(maxlen=2)
+
+    def forward(self, x):
+        z = self.conv(x)
+        self.recent.append(z)
+        return self.bn(z)
+
+
+def test_a_conv_output_kept_in_a_deque_is_not_paired():
+    model = _prepare(KeepsInDeque())
+    assert turn_on_fast_conv_bn_eval(model).converted == []
+    assert not model.recent
+
+
+class Catches(nn.Module):
+    """A model that catches a submodule's error, and falls back or
+    retries."""
+
+    def __init__(self, retry):
+        super().__init__()
+        self.inner = _Inner()
+        self.retry = retry
+
+    def forward(self, x, extra):
+        try:
+            return self.inner(x, extra)
+        except RuntimeError:
+            if self.retry:
+                return self.inner(x, extra[..., :5])
+            return x
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x, extra):
+        z = self.conv(x)
+        w = self.lin(extra)  # raises for an extra of the wrong width
+        return self.bn(z) + w.mean()
+
+
+@pytest.mark.parametrize('retry', [False, True])
+def test_an_error_the_model_catches_is_no_divergence(retry):
+    ref = _prepare(Catches(retry))
+    tuned = copy.deepcopy(ref)
+    report = turn_on_fast_conv_bn_eval(tuned, batch=False)
+    x, good, bad = _x(2, 4, 5, 5), _x(2, 5, seed=2), _x(2, 7, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for extra in (bad, good, good):
+            torch.testing.assert_close(tuned(x, extra), ref(x, extra))
+    (count,) = report.fold_counts().values()
+    assert not count.computed and count.folded == (4 if retry else 3)
