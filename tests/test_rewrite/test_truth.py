@@ -479,6 +479,15 @@ def test_a_model_on_the_meta_device_folds_as_eval_mode_runs(batch):
     assert all(c.folded == 1 and not c.computed for c in counts.values())
 
 
+class _ConvBN(nn.Module):
+    """A conv and its BN, for the forwards below to use as they like."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+
 # --------------------------- Python state the trace could not see through
 class DomainBN(nn.Module):
     """The BN is chosen by an attribute (domain-specific BN)."""
@@ -493,13 +502,11 @@ class DomainBN(nn.Module):
         return self.bns[self.domain](self.conv(x))
 
 
-class Flags(nn.Module):
+class Flags(_ConvBN):
     """Branches on attributes that can change after turn-on."""
 
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
         self.scale_pre = False
         self.return_pre = False
 
@@ -586,11 +593,9 @@ def test_a_conv_output_stored_on_the_frame_is_not_paired(how):
     assert compare_models(ref, model, [_x()], rtol=1e-12) == []
 
 
-class Counts(nn.Module):
+class Counts(_ConvBN):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
         self.calls = 0
 
     def forward(self, x):
@@ -703,13 +708,8 @@ def test_a_call_interrupted_by_keyboard_interrupt_leaves_nothing_stale(
 _GLOBAL_FLAGS = {'skip_bn': False}
 
 
-class GlobalBranch(nn.Module):
+class GlobalBranch(_ConvBN):
     """Branches on a global, which no analysis of the frame can watch."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x):
         z = self.conv(x)
@@ -794,13 +794,8 @@ def test_an_enum_attribute_is_watched_like_a_flag(batch):
     assert all("'mode'" in r for r in _computed_reasons(report))
 
 
-class TypeCheck(nn.Module):
+class TypeCheck(_ConvBN):
     """``type(self)`` must stay the frame's class while it is traced."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x):
         z = self.conv(x)
@@ -833,13 +828,8 @@ class RegisteredBlock(Registered):
         return y
 
 
-class Stochastic(nn.Module):
+class Stochastic(_ConvBN):
     """Draws random numbers in its forward (stochastic depth)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
 
     def forward(self, x):
         y = self.bn(self.conv(x))
@@ -873,13 +863,11 @@ def test_the_analysis_leaves_classes_and_random_states_alone():
     assert _REGISTRY == before  # no subclass made
 
 
-class Unusual(nn.Module):
+class Unusual(_ConvBN):
     """State the forward reads or keeps, of less common types."""
 
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
         self.np_flag = numpy.bool_(False)
         self.size = torch.Size([4])
         self.cfg = {'res': False}
@@ -922,11 +910,9 @@ def test_numpy_sizes_dicts_and_types_of_values_are_watched(change):
     assert _computed_reasons(report)
 
 
-class KeepsInDeque(nn.Module):
+class KeepsInDeque(_ConvBN):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
         self.recent = collections.deque(maxlen=2)
 
     def forward(self, x):
