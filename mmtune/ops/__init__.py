@@ -9,6 +9,7 @@ from .conv_bn import (
     fold_bias,
     fold_conv_bn,
     fold_modules,
+    scale_weight,
 )
 from .conv_folded import (
     autocast_dtype,
@@ -20,7 +21,6 @@ from .fold_group import (
     FoldGroupPlan,
     fold_bn_group,
     fold_conv_bn_group,
-    scale_weight,
 )
 
 __all__ = [

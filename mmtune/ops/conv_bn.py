@@ -52,6 +52,17 @@ def _scale_out_channels(
     return grouped.reshape(weight.shape)
 
 
+def scale_weight(
+    weight: Tensor, factor: Tensor, dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """A folded weight: ``weight`` times its ``(C, 1, ..., 1)`` factors, in
+    ``dtype`` (default: the weight's), computed in the weight's precision
+    and rounded once."""
+    folded = weight * factor
+    dtype = weight.dtype if dtype is None else dtype
+    return folded if folded.dtype == dtype else folded.to(dtype)
+
+
 class ConvBNFold(NamedTuple):
     """A Conv->BN pair folded: what the convolution computes with, and what
     its folded weight was computed from (so that it can be computed again

@@ -28,7 +28,12 @@ from typing import Callable, Dict, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .conv_bn import ConvBNFold, _scale_out_channels, conv_forward_with
+from .conv_bn import (
+    ConvBNFold,
+    _scale_out_channels,
+    conv_forward_with,
+    scale_weight,
+)
 
 _autograd = torch._C._autograd
 _push = _autograd._push_saved_tensors_default_hooks
@@ -142,11 +147,11 @@ class _Refold:
     def _product(self) -> Tensor:
         source, scale = self.source, self.scale
         if scale.dim() == source.dim() and not self.transposed:
-            weight = source * scale  # factors shaped (C, 1, ..., 1)
-        else:
-            weight = _scale_out_channels(
-                source, scale, self.transposed, self.groups
-            )
+            # factors shaped (C, 1, ..., 1): the batched fold's multiply
+            return scale_weight(source, scale, self.dtype)
+        weight = _scale_out_channels(
+            source, scale, self.transposed, self.groups
+        )
         return weight if weight.dtype == self.dtype else weight.to(self.dtype)
 
 

@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .conv_bn import bn_scale, fold_conv_bn
+from .conv_bn import bn_scale, fold_conv_bn, scale_weight
 
 
 class FoldGroupPlan:
@@ -82,17 +82,6 @@ def _factors(scale: Tensor, plan: FoldGroupPlan) -> List[Tensor]:
     if plan.factor_view is not None:
         return list(scale.view(plan.factor_view).split(plan.channels))
     return _unflatten(scale, plan.factor_shapes)
-
-
-def scale_weight(
-    weight: Tensor, factor: Tensor, dtype: Optional[torch.dtype] = None
-) -> Tensor:
-    """A folded weight: ``weight`` times its ``(C, 1, ..., 1)`` factors, in
-    ``dtype`` (default: the weight's), computed in the weight's precision
-    and rounded once."""
-    folded = weight * factor
-    dtype = weight.dtype if dtype is None else dtype
-    return folded if folded.dtype == dtype else folded.to(dtype)
 
 
 def _vectors(plan, biases, gammas, betas, mean, inv_std):
@@ -329,6 +318,5 @@ __all__ = [
     'FoldGroupPlan',
     'fold_bn_group',
     'fold_conv_bn_group',
-    'scale_weight',
     'fold_conv_bn',
 ]
