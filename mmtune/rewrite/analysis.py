@@ -343,27 +343,38 @@ def same_value(a, b) -> bool:
 _CONTAINERS = (list, dict, set, collections.deque)
 
 
-def _containers(value, depth: int, found: Dict[int, tuple]) -> None:
-    """The mutable containers in ``value``, three levels deep, each with a
-    copy of its contents (``found``: id -> (container, copy))."""
-    if depth > 3 or not isinstance(value, _CONTAINERS + (tuple,)):
-        return
-    if id(value) in found:
-        return
-    if not isinstance(value, tuple):
-        found[id(value)] = (value, copy.copy(value))
-    items = value.values() if isinstance(value, dict) else value
-    for item in list(items):
-        _containers(item, depth + 1, found)
+def _frame_values(frame: nn.Module) -> Iterator[Tuple[object, int]]:
+    """The values in the frame's own attributes, each with its level: the
+    attributes at 0, the items of the lists, tuples, dicts, sets and deques
+    among them down to level 3 (each container once)."""
+    todo = [
+        (value, 0)
+        for key, value in frame.__dict__.items()
+        if key not in _MODULE_KEYS
+    ]
+    seen: Set[int] = set()
+    while todo:
+        value, level = todo.pop()
+        yield value, level
+        if (
+            isinstance(value, _CONTAINERS + (tuple,))
+            and level < 3
+            and id(value) not in seen
+        ):
+            seen.add(id(value))
+            items = value.values() if isinstance(value, dict) else value
+            todo.extend((item, level + 1) for item in list(items))
 
 
 def _snapshot(frame: nn.Module) -> tuple:
-    state = dict(frame.__dict__)
-    found: Dict[int, tuple] = {}
-    for key, value in state.items():
-        if key not in _MODULE_KEYS:
-            _containers(value, 1, found)
-    return state, list(found.values())
+    """The frame's attributes, and a copy of the contents of each mutable
+    container among them (three levels)."""
+    contents = {
+        id(value): (value, copy.copy(value))
+        for value, level in _frame_values(frame)
+        if level < 3 and isinstance(value, _CONTAINERS)
+    }
+    return dict(frame.__dict__), list(contents.values())
 
 
 def _restore(frame: nn.Module, snapshot: tuple) -> None:
@@ -384,28 +395,13 @@ def _restore(frame: nn.Module, snapshot: tuple) -> None:
 
 def _stored_proxies(frame: nn.Module) -> List[fx.Proxy]:
     """The traced values found in the frame's own attributes (and in the
-    lists, tuples, dicts and sets among them, three levels deep) after a
-    trace, before :func:`_restore`."""
-    found: List[fx.Proxy] = []
-    todo = [
-        (value, 0)
-        for key, value in frame.__dict__.items()
-        if key not in _MODULE_KEYS
+    containers among them, three levels deep) after a trace, before
+    :func:`_restore`."""
+    return [
+        value
+        for value, _ in _frame_values(frame)
+        if isinstance(value, fx.Proxy)
     ]
-    seen: Set[int] = set()
-    while todo:
-        value, depth = todo.pop()
-        if isinstance(value, fx.Proxy):
-            found.append(value)
-        elif (
-            isinstance(value, _CONTAINERS + (tuple,))
-            and depth < 3
-            and id(value) not in seen
-        ):
-            seen.add(id(value))
-            items = value.values() if isinstance(value, dict) else value
-            todo.extend((item, depth + 1) for item in items)
-    return found
 
 
 def _stored_calls(proxies: Sequence[fx.Proxy]) -> Set[str]:

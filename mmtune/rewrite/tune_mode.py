@@ -305,6 +305,8 @@ class TunePair:
     # (defaults for pairs pickled before these existed)
     frame_state: Tuple = ()
     _state_get = None
+    #: the dimensions of a batched input of the conv (set at its first
+    #: call)
     input_dim: Optional[int] = None
 
     def __init__(self, pair: Pair, batch: Optional[FoldBatch] = None):
@@ -331,8 +333,6 @@ class TunePair:
             # slow, exact comparison)
             self._state_get = operator.itemgetter(*names)
             self._state_values = values if len(values) > 1 else values[0]
-        #: the dimensions of a batched input of the conv
-        self.input_dim = len(conv.kernel_size) + 2
         self.conv_type, self.bn_type = type(conv), type(bn)
         self.batch = None
         self.index = -1
