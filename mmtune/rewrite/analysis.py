@@ -31,7 +31,14 @@ its nested functions, the helpers on the call chains and the frame's own
 methods and properties they read) whose values are plain (:func:`_is_plain`),
 and tune mode folds a call only while each has its traced value, of the
 same type (:func:`same_value`); a frame whose forward changes one it reads
-is skipped. A tensor that the forward stores on the frame
+is skipped. Tune mode likewise folds only while the plain module globals
+that the same code reads by name (``if DEBUG:``, ``FLAGS['skip']``) have
+their traced values. A value reached through
+another object (``self.opts.flag`` of a plain class instance, a global
+read through ``getattr``) is not watched: that is the known limit (a call
+whose conv output then misses its BN is warned about, and the pair stops
+folding; one that also sends it elsewhere is not seen). A tensor that the
+forward stores on the frame
 (``self.feats.append(x)``, ``self.pre = x``) leaves the traced dataflow: a
 conv whose output, or anything computed from it, is found stored in the
 frame's attributes after a trace is not paired. Each trace is undone: the
@@ -51,6 +58,7 @@ import contextlib
 import copy
 import dis
 import enum
+import functools
 import inspect
 import os
 import random
@@ -264,12 +272,24 @@ def _loads_self(ins) -> bool:
     return False
 
 
-def _self_attribute_names(frame: nn.Module, codes) -> Set[str]:
-    """The attributes that ``codes`` (the frame's forward, its helpers)
-    read as ``self.name``: from their bytecode, nested functions and the
-    frame's own methods and properties that they read included."""
+@functools.lru_cache(maxsize=1024)
+def _module_of(filename: str) -> Optional[types.ModuleType]:
+    """The module whose source file is ``filename`` (whose globals the code
+    objects compiled from it read), or None."""
+    return inspect.getmodule(None, filename)
+
+
+def _read_names(
+    frame: nn.Module, codes
+) -> Tuple[Set[str], Set[Tuple[str, str]]]:
+    """What ``codes`` (the frame's forward, its helpers) read: the
+    attributes read as ``self.name``, and the module globals read by name
+    (as ``(module name, global name)``); from their bytecode, nested
+    functions and the frame's own methods and properties that they read
+    included."""
     cls = type(frame)
     names: Set[str] = set()
+    global_names: Set[Tuple[str, str]] = set()
     todo = [c for c in codes if isinstance(c, types.CodeType)]
     seen: Set[types.CodeType] = set()
     while todo:
@@ -278,8 +298,15 @@ def _self_attribute_names(frame: nn.Module, codes) -> Set[str]:
             continue
         seen.add(code)
         todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        module = _module_of(code.co_filename)
         prev = before = None
         for ins in dis.get_instructions(code):
+            if (
+                ins.opname == 'LOAD_GLOBAL'
+                and module is not None
+                and isinstance(ins.argval, str)
+            ):
+                global_names.add((module.__name__, ins.argval))
             on_self = prev is not None and (
                 _loads_self(prev)
                 # self.n += 1: LOAD self, COPY, LOAD_ATTR n
@@ -304,7 +331,27 @@ def _self_attribute_names(frame: nn.Module, codes) -> Set[str]:
                 if isinstance(found, types.FunctionType):
                     todo.append(inspect.unwrap(found).__code__)
             prev, before = ins, prev
-    return names
+    return names, global_names
+
+
+def global_values(
+    keys: Set[Tuple[str, str]],
+) -> Dict[Tuple[str, str], object]:
+    """The plain values (:func:`_is_plain`) of the module globals ``keys``
+    (``(module name, global name)``; left out: dunder names, and names the
+    module does not have, such as builtins)."""
+    values: Dict[Tuple[str, str], object] = {}
+    for module_name, name in keys:
+        module = sys.modules.get(module_name)
+        if module is None or name.startswith('__'):
+            continue
+        value = module.__dict__.get(name, _NO_VALUE)
+        if value is not _NO_VALUE and _is_plain(value):
+            values[module_name, name] = _frozen(value)
+    return values
+
+
+_NO_VALUE = object()
 
 
 def _watched_values(frame: nn.Module, names: Set[str]) -> Dict[str, object]:
@@ -425,11 +472,13 @@ def _trace_all_paths(
     frame: nn.Module,
     chains: Dict[str, Set[Chain]],
     reads: Dict[str, object],
+    global_reads: Dict[Tuple[str, str], object],
 ) -> List[Tuple[fx.Graph, Set[str]]]:
     """Graphs of ``frame.forward`` for every outcome of its branches, each
     with the submodule calls whose outputs the trace found stored on the
     frame; the call chains of each submodule are added to ``chains``, the
-    plain attributes read to ``reads``."""
+    plain attributes read to ``reads``, the plain module globals read to
+    ``global_reads``."""
     graphs = []
     todo: List[List[bool]] = [[]]
     forward = inspect.unwrap(type(frame).forward)
@@ -446,7 +495,7 @@ def _trace_all_paths(
                 for chain in found
                 for code in chain
             ]
-            names = _self_attribute_names(frame, codes)
+            names, global_names = _read_names(frame, codes)
             after = _watched_values(frame, names)
         finally:
             _restore(frame, snapshot)
@@ -458,6 +507,7 @@ def _trace_all_paths(
                     f'reads ({value!r}, then {after[name]!r})'
                 )
         reads.update(before)
+        global_reads.update(global_values(global_names))
         graphs.append((graph, stored))
         for target, found in tracer.chains.items():
             chains[target] |= found
@@ -493,6 +543,9 @@ class Pair:
     #: The frame's plain attributes that its traced forward read, with
     #: their values then: the trace holds only while they do.
     frame_state: Tuple[Tuple[str, object], ...] = ()
+    #: Likewise the plain module globals it read: ``(module name, global
+    #: name, value)``.
+    global_state: Tuple[Tuple[str, str, object], ...] = ()
 
 
 @dataclass
@@ -678,6 +731,8 @@ class _Traces:
         self.failed: Dict[str, str] = {}
         # traced frame name -> the plain attributes its forward read
         self.reads: Dict[str, Tuple[Tuple[str, object], ...]] = {}
+        # traced frame name -> the plain module globals its forward read
+        self.global_reads: Dict[str, Tuple[Tuple[str, str, object], ...]] = {}
 
     def add_handled(self, frame_name: str, handled: _Handled) -> None:
         for callee in handled.found.callees:
@@ -692,12 +747,17 @@ class _Traces:
         graphs: List[Tuple[fx.Graph, Set[str]]],
         chains: Dict[str, Set[Chain]],
         reads: Dict[str, object],
+        global_reads: Dict[Tuple[str, str], object],
     ) -> None:
         for graph, stored in graphs:
             self._scan(graph, frame, frame_name, stored)
         self.frames[frame_name] = frame
         self.chains[frame_name] = chains
         self.reads[frame_name] = tuple(sorted(reads.items()))
+        self.global_reads[frame_name] = tuple(
+            (module, name, value)
+            for (module, name), value in sorted(global_reads.items())
+        )
 
     def add_from_source(
         self, frame_name: str, frame: nn.Module, found: SourcePairs
@@ -795,10 +855,11 @@ def _trace_frame(
     graphs: List[Tuple[fx.Graph, Set[str]]] = []
     chains: Dict[str, Set[Chain]] = defaultdict(set)
     reads: Dict[str, object] = {}
+    global_reads: Dict[Tuple[str, str], object] = {}
     try:
         for mode in (True, False):
             model.train(mode)
-            graphs.extend(_trace_all_paths(frame, chains, reads))
+            graphs.extend(_trace_all_paths(frame, chains, reads, global_reads))
     except _Unstable as exc:
         traces.failed[name] = str(exc)
         return
@@ -818,7 +879,7 @@ def _trace_frame(
             why += ', and its source does not prove the pair'
         traces.failed[name] = why
         return
-    traces.add_traced(name, frame, graphs, chains, reads)
+    traces.add_traced(name, frame, graphs, chains, reads, global_reads)
 
 
 def _set_training(model: nn.Module, flags: Dict[nn.Module, bool]):
@@ -949,6 +1010,7 @@ class _Decisions:
             self.traces.frames[frame_name],
             chains=frozenset(self.traces.chains[frame_name][local]),
             frame_state=self.traces.reads.get(frame_name, ()),
+            global_state=self.traces.global_reads.get(frame_name, ()),
         )
 
     def untraced_bn(self, name: str) -> None:
@@ -1006,6 +1068,7 @@ class _Decisions:
         handler: Optional[FrameHandler] = None,
         chains: FrozenSet[Chain] = frozenset(),
         frame_state: Tuple[Tuple[str, object], ...] = (),
+        global_state: Tuple[Tuple[str, str, object], ...] = (),
     ) -> None:
         self.analysis.pairs.append(
             Pair(
@@ -1018,6 +1081,7 @@ class _Decisions:
                 handler,
                 chains,
                 frame_state,
+                global_state,
             )
         )
 

@@ -164,6 +164,24 @@ def state_problem(frame: nn.Module, state) -> Optional[str]:
     return None
 
 
+def globals_problem(state) -> Optional[str]:
+    """Why the plain module globals that the frame's traced forward read no
+    longer have the values it was traced with, or None (``state``:
+    :attr:`~.analysis.Pair.global_state`)."""
+    for module_name, name, value in state:
+        module = sys.modules.get(module_name)
+        now = _MISSING if module is None else vars(module).get(name, _MISSING)
+        if now is not value and (
+            now is _MISSING or not same_value(now, value)
+        ):
+            shown = 'gone' if now is _MISSING else repr(now)
+            return (
+                f'the global {module_name}.{name} is {shown}; its forward '
+                f'was traced with {value!r}'
+            )
+    return None
+
+
 def _installed(module: nn.Module, owner, function) -> bool:
     """Whether ``module``'s instance forward is ``owner``'s ``function``
     (bound methods compare by owner and function: a pickled model has new
@@ -304,6 +322,7 @@ class TunePair:
     _mmtune_forward_owner = True
     # (defaults for pairs pickled before these existed)
     frame_state: Tuple = ()
+    global_state: Tuple = ()
     _state_get = None
     #: the dimensions of a batched input of the conv (set at its first
     #: call)
@@ -321,6 +340,8 @@ class TunePair:
         #: the frame's plain attributes its traced forward read, and their
         #: values then
         self.frame_state = tuple(pair.frame_state)
+        #: the plain module globals it read, and their values then
+        self.global_state = tuple(pair.global_state)
         names = [name for name, _ in self.frame_state]
         values = tuple(value for _, value in self.frame_state)
         if (
@@ -490,6 +511,10 @@ class TunePair:
                 reason = state_problem(frame, self.frame_state)
                 if reason is not None:
                     return reason
+        if self.global_state:
+            reason = globals_problem(self.global_state)
+            if reason is not None:
+                return reason
         reason = hooks_problem(conv, bn)
         if reason is not None:
             return reason

@@ -706,34 +706,97 @@ def test_a_call_interrupted_by_keyboard_interrupt_leaves_nothing_stale(
 
 
 _GLOBAL_FLAGS = {'skip_bn': False}
+_RETURN_PRE = False
 
 
 class GlobalBranch(_ConvBN):
-    """Branches on a global, which no analysis of the frame can watch."""
+    """Branches on a module global (a dict's item)."""
 
     def forward(self, x):
         z = self.conv(x)
         return z if _GLOBAL_FLAGS['skip_bn'] else self.bn(z)
 
 
+class GlobalReturn(_ConvBN):
+    """Returns the conv output beside the BN's when a global flag is set:
+    its BN still receives the conv output, so only the watched global can
+    tell that the folded output would be returned."""
+
+    def forward(self, x):
+        z = self.conv(x)
+        y = self.bn(z)
+        return (y, z) if _RETURN_PRE else y
+
+
+@pytest.mark.parametrize('batch', BATCH)
+@pytest.mark.parametrize('cls', [GlobalBranch, GlobalReturn])
+def test_globals_changed_after_turn_on_compute_as_the_modules_do(cls, batch):
+    global _RETURN_PRE
+    ref, tuned, report = _tuned(_prepare(cls()), batch, expect=1)
+    x = _x()
+    _check(ref, tuned, x, report)
+    _GLOBAL_FLAGS['skip_bn'] = _RETURN_PRE = True
+    try:
+        report.reset_counts()
+        with _no_warning():
+            outs = [model(x) for model in (ref, tuned)]
+            for a, b in zip(
+                *[o if isinstance(o, tuple) else (o,) for o in outs]
+            ):
+                torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+            assert compare_models(ref, tuned, [x], rtol=1e-10) == []
+        (reason,) = set(_computed_reasons(report))
+        assert f'the global {__name__}.' in reason and 'traced with' in reason
+    finally:
+        _GLOBAL_FLAGS['skip_bn'] = _RETURN_PRE = False
+    _check(ref, tuned, x, report)  # traced values again: folds again
+
+
+class _State:
+    skip_bn = False
+
+
+_STATE = _State()
+
+
+class ObjectBranch(_ConvBN):
+    """Branches on an attribute of an object that no analysis watches."""
+
+    def forward(self, x):
+        z = self.conv(x)
+        return z if _STATE.skip_bn else self.bn(z)
+
+
 @pytest.mark.parametrize('batch', BATCH)
 def test_a_call_that_returns_before_the_bn_is_warned_about_and_stops_it(
     batch,
 ):
-    """The known limit: a branch on a global is decided at trace time. A
-    call that returns while a conv's output never reached its BN is
-    reported (that call's value was folded) and the pair stops folding."""
-    ref, tuned, report = _tuned(_prepare(GlobalBranch()), batch, expect=1)
-    _GLOBAL_FLAGS['skip_bn'] = True
+    """The known limit: a branch on another object's attribute is decided
+    at trace time. A call that returns while a conv's output never reached
+    its BN is reported (that call's value was folded) and the pair stops
+    folding."""
+    ref, tuned, report = _tuned(_prepare(ObjectBranch()), batch, expect=1)
+    _STATE.skip_bn = True
     try:
         with pytest.warns(RuntimeWarning, match='never reached bn'):
             tuned(_x())
         assert compare_models(ref, tuned, [_x()], rtol=1e-12) == []
     finally:
-        _GLOBAL_FLAGS['skip_bn'] = False
+        _STATE.skip_bn = False
     report.reset_counts()
     assert compare_models(ref, tuned, [_x()], rtol=1e-12) == []
     assert all('diverged' in r for r in _computed_reasons(report))
+
+
+def test_pickled_pairs_keep_watching_globals():
+    ref, tuned, report = _tuned(_prepare(GlobalReturn()), False, expect=1)
+    (pair,) = report.runtimes.values()
+    assert pair.global_state == ((__name__, '_RETURN_PRE', False),)
+    for copied in (pickle.loads(pickle.dumps(tuned)), copy.deepcopy(tuned)):
+        (pair,) = [
+            m.forward.__self__ for m in copied.modules() if m is copied.conv
+        ]
+        assert pair.global_state == ((__name__, '_RETURN_PRE', False),)
 
 
 def _replicate(module, scale=1.5):
