@@ -18,6 +18,9 @@ call of the model: the folded tensors are let go when it returns.
 
 Inside that call, a folded entry is used only while:
 
+- the pair is called from code that the call runs (a call that a
+  ``KeyboardInterrupt`` stopped closes nothing: a block called on its own
+  afterwards folds alone);
 - the backward pass through its group has not run (a backward inside the
   forward drops the entries);
 - none of the tensors it was computed from was replaced or changed in place
@@ -42,6 +45,8 @@ bias) are nevertheless inputs of the group's autograd node, so
 them: the engine layer turns batching off for such a wrapper.
 """
 
+import sys
+import types
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -197,6 +202,7 @@ class FoldBatch:
         # (device, autocast dtype, grad mode) -> this call's fold for it
         self._folded: Dict[tuple, _Folded] = {}
         self._open = False
+        self._outer: Optional[types.FrameType] = None
         # group layout -> (plan, eps as a float or a per-channel vector)
         self._plans: Dict[tuple, tuple] = {}
         # each member's module and dicts, read at every call (not through
@@ -222,15 +228,41 @@ class FoldBatch:
         self._dicts = None
         return len(self.members) - 1
 
-    def open(self) -> None:
-        """A call of the model begins: nothing folded before it is used."""
+    def open(self, outer: Optional[types.FrameType] = None) -> None:
+        """A call of the model begins: nothing folded before it is used.
+
+        Args:
+            outer (frame, optional): The Python frame of that call. Pairs
+                take folds only while it is running, from code it called:
+                a call that a ``BaseException`` (``KeyboardInterrupt``)
+                stopped runs no forward hook to :meth:`close` the batch,
+                and a block called on its own afterwards must not take
+                what that call folded (a write through ``.data`` since
+                then would not be seen).
+        """
         self._folded = {}
+        self._outer = outer
         self._open = True
 
     def close(self) -> None:
         """The call of the model returned: let go of what it folded."""
         self._folded = {}
+        self._outer = None
         self._open = False
+
+    def _inside_call(self) -> bool:
+        """Whether the caller of :meth:`take`'s caller runs inside the call
+        that opened the batch (one walk up the stack, about 15 frames for
+        a ResNet block's conv)."""
+        outer = self._outer
+        if outer is None:
+            return True
+        frame = sys._getframe(2)
+        while frame is not None:
+            if frame is outer:
+                return True
+            frame = frame.f_back
+        return False
 
     def take(self, index: int) -> Optional[ConvBNFold]:
         """The fold of member ``index``, or None when the pair must fold on
@@ -242,7 +274,12 @@ class FoldBatch:
         turned on with). This runs at every call of every pair, so it reads
         the modules' dicts directly, not through ``nn.Module.__getattr__``.
         """
-        if not self._open or not self.enabled or not batch_allowed():
+        if (
+            not self._open
+            or not self.enabled
+            or not batch_allowed()
+            or not self._inside_call()
+        ):
             return None
         dicts = self._dicts
         if dicts is None:

@@ -661,7 +661,7 @@ class ForwardScope:
             for pair in self.pairs:
                 pair.pending = None
             if self.batch is not None:
-                self.batch.open()
+                self.batch.open(self.outer)
 
     def exit(self, module, args, output) -> None:
         if is_compiling() or self.depth == 0:

@@ -705,6 +705,39 @@ def test_a_call_interrupted_by_keyboard_interrupt_leaves_nothing_stale(
         assert fold_batch.folds >= 2  # the next calls batch again
 
 
+class InterruptedBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block1, self.block2 = Block(), Block(4, 4)
+        self.interrupt = False
+
+    def forward(self, x):
+        x = self.block1(x)
+        if self.interrupt:
+            raise KeyboardInterrupt  # after the batch folded block2 too
+        return self.block2(x)
+
+
+@pytest.mark.parametrize('batch', BATCH)
+def test_a_block_called_alone_after_an_interrupted_call_takes_nothing_of_it(
+    batch,
+):
+    ref, tuned, report = _tuned(_prepare(InterruptedBlocks()), batch, expect=2)
+    tuned.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        tuned(_x())
+    tuned.interrupt = False
+    with torch.no_grad():  # bumps no version: only a new fold sees it
+        for model in (ref, tuned):
+            model.block2.conv.weight.data.mul_(-2.0)
+            model.block2.bn.running_var.data.mul_(3.0)
+    x = _x(2, 4, 6, 6)
+    torch.testing.assert_close(
+        tuned.block2(x), ref.block2(x), rtol=1e-12, atol=1e-12
+    )
+    _check(ref, tuned, _x(), report)
+
+
 _GLOBAL_FLAGS = {'skip_bn': False}
 _RETURN_PRE = False
 
