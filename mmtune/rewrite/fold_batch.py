@@ -35,7 +35,8 @@ every call folds anew. Batching is used only where it is safe: outside
 backward passes (reentrant checkpoint recomputation), without saved-tensor
 hooks (non-reentrant checkpointing and offloading must find the tensors they
 saved), outside ``torch.compile`` and functorch transforms, for convs
-without forward pre-hooks, and for contiguous, non-transposed conv weights.
+without forward pre-hooks, and for non-transposed conv weights (of any
+memory layout: each pair multiplies its own weight, as alone).
 Elsewhere the pair folds alone, exactly as before.
 
 A pair that the forward does not call, or whose output does not reach the
@@ -151,7 +152,6 @@ def _batchable(conv: nn.Module, cp: dict, bp: dict, bb: dict) -> bool:
         and bb.get('running_mean') is not None
         and bb.get('running_var') is not None
         and not conv._forward_pre_hooks
-        and weight.is_contiguous()
         and weight.numel() > 0
     )
 

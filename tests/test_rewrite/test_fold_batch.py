@@ -103,6 +103,36 @@ def test_training_steps_match_eval_and_fold_once_per_step():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
+def test_channels_last_weights_batch_and_match_eval(monkeypatch):
+    from mmtune.rewrite.fold_batch import FoldBatch
+
+    taken = []
+    take = FoldBatch.take
+
+    def counting(self, index):
+        fold = take(self, index)
+        taken.append(fold is not None)
+        if fold is not None:
+            assert fold.weight.is_contiguous(memory_format=torch.channels_last)
+        return fold
+
+    monkeypatch.setattr(FoldBatch, 'take', counting)
+    ref, tuned = _models()
+    for model in (ref, tuned):
+        model.to(memory_format=torch.channels_last)
+    assert not tuned.b1.conv.weight.is_contiguous()
+    opt_ref, opt_tuned = _sgd(ref), _sgd(tuned)
+    x = [_x().to(memory_format=torch.channels_last)]
+    for step in range(3):
+        taken.clear()
+        assert compare_models(ref, tuned, x, rtol=1e-10) == [], step
+        # stem, b1, b2 and the first call of shared batch; its second call
+        # folds alone
+        assert taken.count(True) >= 4 and taken.count(False) >= 1, taken
+        opt_ref.step()
+        opt_tuned.step()
+
+
 def test_two_forwards_one_backward_and_retain_graph():
     ref, tuned = _models()
     (batch,) = _batches(tuned)
