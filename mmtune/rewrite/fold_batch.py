@@ -212,14 +212,17 @@ class FoldBatch:
         self.folds = 0  # how many times the batch was folded
 
     def __getstate__(self):
-        return {
-            'device_types': self.device_types,
-            'enabled': self.enabled,
-            'members': self.members,
-        }
+        # not the members: each pair that is copied or unpickled adds
+        # itself to the copy of its batch (TunePair), so that a copy of one
+        # block holds that block's pairs, not a copy of the whole model
+        return {'device_types': self.device_types, 'enabled': self.enabled}
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.device_types = state['device_types']
+        self.enabled = state['enabled']
+        # (pairs may have added themselves already; a batch pickled with
+        # its members, before they were left out, drops them here)
+        self.__dict__.setdefault('members', [])
         self._reset()
 
     def add(self, conv: nn.Module, bn: nn.Module, name: str = '') -> int:

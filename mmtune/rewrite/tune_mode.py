@@ -416,6 +416,7 @@ class TunePair:
             if key not in self._TRANSIENT:
                 new.__dict__[key] = copy.deepcopy(value, memo)
         new._reset()
+        new._rejoin()
         return new
 
     def __getstate__(self):
@@ -432,6 +433,14 @@ class TunePair:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._reset()
+        self._rejoin()
+
+    def _rejoin(self) -> None:
+        """A copied or unpickled pair joins the copy of its batch, which
+        holds no members of its own (:class:`FoldBatch` pickles none). The
+        modules may not be whole yet: ``add`` only keeps them."""
+        if self.batch is not None:
+            self.index = self.batch.add(self.conv, self.bn, self.conv_name)
 
     def counts(self) -> Tuple[int, Dict[str, int]]:
         """Calls that folded, and calls computed by the modules by

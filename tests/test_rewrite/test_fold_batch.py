@@ -7,6 +7,7 @@ decay, checkpointing, repeated forwards, state changes between forwards."""
 import copy
 import gc
 import logging
+import pickle
 import types
 
 import pytest
@@ -16,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmtune import turn_on_fast_conv_bn_eval
+from mmtune.rewrite.tune_mode import tune_pairs
 from mmtune.testing import (
     compare_models,
     fold_batches,
@@ -267,14 +269,47 @@ def test_bad_batch_argument_is_named():
         turn_on_fast_conv_bn_eval(Net(), batch='yes')
 
 
-def test_deepcopy_has_its_own_batch_and_stays_exact():
+def _members(batch):
+    return {(id(conv), id(bn)) for conv, bn, _ in batch.members}
+
+
+@pytest.mark.parametrize('how', ['deepcopy', 'pickle'])
+def test_a_copy_has_its_own_batch_of_its_own_pairs_and_stays_exact(how):
     ref, tuned = _models()
-    copied = copy.deepcopy(tuned)
+    if how == 'deepcopy':
+        copied = copy.deepcopy(tuned)
+    else:
+        copied = pickle.loads(pickle.dumps(tuned))
     (batch,) = _batches(copied)
     assert batch is not _batches(tuned)[0]
-    assert batch.members[0][0] is copied.stem.conv
+    copied_pairs = {
+        (id(m.conv), id(m.bn))
+        for m in copied.modules()
+        if isinstance(m, Block)
+    }
+    assert _members(batch) == copied_pairs  # the aux pair too
+    for conv, bn, _ in batch.members:
+        (pair,) = [p for p in tune_pairs(copied) if p.conv is conv]
+        assert batch.members[pair.index][:2] == (conv, bn)
     assert compare_models(ref, copied, [_x()], rtol=1e-10) == []
     assert batch.folds == 1
+    assert compare_models(ref, tuned, [_x()], rtol=1e-10) == []
+
+
+@pytest.mark.parametrize('how', ['deepcopy', 'pickle'])
+def test_a_copy_of_one_block_holds_that_block_not_the_model(how):
+    ref, tuned = _models()
+    if how == 'deepcopy':
+        block = copy.deepcopy(tuned.b1)
+    else:
+        block = pickle.loads(pickle.dumps(tuned.b1))
+    (pair,) = tune_pairs(block)
+    assert pair.batch.members == [(block.conv, block.bn, 'b1.conv')]
+    assert pair.index == 0
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(block(x), ref.b1(x), rtol=1e-12, atol=1e-12)
+    (count,) = [pair.counts()[0]]
+    assert count == 1  # a block called alone folds alone
 
 
 def _ddp_hook_batching(tmp):
