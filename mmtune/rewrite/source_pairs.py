@@ -25,7 +25,12 @@ naming it: a ``ModuleList`` looped over, an alias; so does a string equal
 to its name), and the forward uses no dynamic access that could reach them
 unseen (``getattr``, ``attrgetter``, ``_modules``, ``children()``,
 ``locals()``, ``eval``, ...), rebinds no ``self``, and is no generator or
-coroutine.
+coroutine. One ``getattr`` is not dynamic: ``getattr(self, f'stage{i}')``,
+an f-string that begins with a constant prefix, on a frame that looks
+attributes up as ``nn.Module`` does, whose class has no attribute and whose
+instance ``__dict__`` nothing but plain data beginning with that prefix
+(HRNet's stages and transitions): it names every child whose name begins
+with the prefix.
 
 A helper ``h`` is a plain function of the frame's class
 (``inspect.getattr_static(type(frame), 'h')`` is a ``types.FunctionType``:
@@ -168,9 +173,15 @@ def _self_name(definition: ast.FunctionDef) -> str:
     return (definition.args.posonlyargs + definition.args.args)[0].arg
 
 
-def _dynamic(definition: ast.FunctionDef) -> bool:
+def _dynamic(definition: ast.FunctionDef, allowed=frozenset()) -> bool:
+    """Whether the function uses dynamic access (``allowed``: ids of the
+    ``getattr`` names of :func:`_prefixed_getattrs` found safe)."""
     for node in ast.walk(definition):
-        if isinstance(node, ast.Name) and node.id in _DYNAMIC_NAMES:
+        if (
+            isinstance(node, ast.Name)
+            and node.id in _DYNAMIC_NAMES
+            and id(node) not in allowed
+        ):
             return True
         if isinstance(node, ast.Attribute) and node.attr in _DYNAMIC_ATTRS:
             return True
@@ -179,10 +190,83 @@ def _dynamic(definition: ast.FunctionDef) -> bool:
     return False
 
 
-def _unsafe(definition: ast.FunctionDef) -> bool:
-    """Whether the function uses dynamic access, rebinds or shadows its
-    ``self``, or is a generator (or coroutine)."""
-    if _dynamic(definition):
+def _inert(value, depth: int = 4) -> bool:
+    """Whether ``value`` is plain data that reaches no module and runs no
+    code: None, numbers, strings, and lists, tuples, sets and dicts of
+    them (``depth`` levels)."""
+    if value is None or type(value) in (bool, int, float, str, bytes):
+        return True
+    if (
+        depth
+        and isinstance(value, (list, tuple, set, frozenset, dict))
+        and not callable(value)
+    ):
+        items = (
+            list(value.keys()) + list(value.values())
+            if isinstance(value, dict)
+            else value
+        )
+        return all(_inert(v, depth - 1) for v in items)
+    return False
+
+
+def _prefixed_getattrs(
+    frame: nn.Module, definition: ast.FunctionDef
+) -> List[Tuple[ast.Call, List[nn.Module]]]:
+    """The calls ``getattr(self, f'prefix{...}')`` (HRNet's
+    ``getattr(self, f'stage{i}')``) that can reach nothing but children of
+    ``frame`` whose names begin with ``prefix``, each with those children:
+    ``frame`` looks attributes up as ``nn.Module`` does, its class
+    (methods, properties, class attributes) has no name beginning with
+    ``prefix``, and its instance ``__dict__`` has none but plain data
+    (HRNet's ``stage1_cfg``: numbers, strings, containers of them). Any
+    other ``getattr`` stays dynamic access."""
+    cls = type(frame)
+    if (
+        inspect.getattr_static(cls, '__getattr__', None)
+        is not nn.Module.__getattr__
+        or inspect.getattr_static(cls, '__getattribute__', None)
+        is not object.__getattribute__
+    ):
+        return []
+    self_name = _self_name(definition)
+    found = []
+    for node in ast.walk(definition):
+        if not (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == 'getattr'
+            and len(node.args) == 2
+            and not node.keywords
+            and isinstance(node.args[0], ast.Name)
+            and node.args[0].id == self_name
+            and isinstance(node.args[1], ast.JoinedStr)
+            and node.args[1].values
+            and isinstance(node.args[1].values[0], ast.Constant)
+            and isinstance(node.args[1].values[0].value, str)
+            and node.args[1].values[0].value
+        ):
+            continue
+        prefix = node.args[1].values[0].value
+        if any(n.startswith(prefix) for n in dir(cls)) or any(
+            n.startswith(prefix) and not _inert(v)
+            for n, v in frame.__dict__.items()
+        ):
+            continue
+        targets = [
+            m
+            for n, m in frame._modules.items()
+            if n.startswith(prefix) and m is not None
+        ]
+        found.append((node, targets))
+    return found
+
+
+def _unsafe(definition: ast.FunctionDef, prefixed=()) -> bool:
+    """Whether the function uses dynamic access (other than the safe
+    ``prefixed`` getattrs), rebinds or shadows its ``self``, or is a
+    generator (or coroutine)."""
+    if _dynamic(definition, {id(call.func) for call, _ in prefixed}):
         return True
     self_name = _self_name(definition)
     first = (definition.args.posonlyargs + definition.args.args)[0]
@@ -305,22 +389,24 @@ def _statement_lists(definition: ast.FunctionDef):
 
 
 def _naming(
-    frame: nn.Module, definition: ast.FunctionDef
+    frame: nn.Module, definition: ast.FunctionDef, prefixed=()
 ) -> Tuple[Dict[int, List[ast.AST]], Set[str]]:
     """``(naming, callees)``: id(conv or BN child) -> the attribute nodes
-    of ``definition`` that name it (or a module holding it); the child
-    names of the modules it names."""
+    of ``definition`` that name it (or a module holding it), and the
+    ``prefixed`` getattr calls that can reach it; the child names of the
+    modules it names."""
     self_name = _self_name(definition)
     child_name = {id(m): n for n, m in frame._modules.items() if m is not None}
     naming: Dict[int, List[ast.AST]] = {}
     callees: Set[str] = set()
+    named = []
     for node in ast.walk(definition):
         attr = _self_attr(node, self_name)
-        if attr is None:
-            continue
-        module = _resolve(frame, attr)
-        if module is None:
-            continue
+        module = None if attr is None else _resolve(frame, attr)
+        if module is not None:
+            named.append((node, module))
+    named += [(call, m) for call, targets in prefixed for m in targets]
+    for node, module in named:
         if id(module) in child_name:
             callees.add(child_name[id(module)])
         for inner in module.modules():
@@ -448,7 +534,10 @@ def _helper(frame: nn.Module, attr: str, forward) -> Optional[_Helper]:
     nothing else (see the module docstring), or None."""
     fn = _helper_function(frame, attr, forward)
     definition = None if fn is None else _parse(fn)
-    if definition is None or _unsafe(definition):
+    if definition is None:
+        return None
+    prefixed = _prefixed_getattrs(frame, definition)
+    if _unsafe(definition, prefixed):
         return None
     parents = _parents(definition)
     returns = [n for n in ast.walk(definition) if isinstance(n, ast.Return)]
@@ -463,7 +552,7 @@ def _helper(frame: nn.Module, attr: str, forward) -> Optional[_Helper]:
     conv_attr = _called_attr(call, _self_name(definition))
     if conv_attr is None:
         return None
-    naming, callees = _naming(frame, definition)
+    naming, callees = _naming(frame, definition, prefixed)
     return _Helper(attr, fn, definition, conv_attr, call.func, naming, callees)
 
 
@@ -633,11 +722,14 @@ def find_source_pairs(frame: nn.Module) -> Optional[SourcePairs]:
     dynamic access."""
     fn = type(frame).forward
     definition = _parse(fn)
-    if definition is None or _unsafe(definition):
+    if definition is None:
+        return None
+    prefixed = _prefixed_getattrs(frame, definition)
+    if _unsafe(definition, prefixed):
         return None
     self_name = _self_name(definition)
     child_name = {id(m): n for n, m in frame._modules.items() if m is not None}
-    naming, callees = _naming(frame, definition)
+    naming, callees = _naming(frame, definition, prefixed)
     strings = _strings(definition)
     # ((conv, bn) modules, their attributes, chain, helper or None)
     candidates = []

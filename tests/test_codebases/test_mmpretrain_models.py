@@ -43,6 +43,7 @@ from mmtune.testing import (  # noqa: E402
         'EfficientNet-B0',
         'MobileOne-S0',
         'LeViT-128S',  # its Linear+BatchNorm1d layers are no conv pairs
+        'HRNet-W18',  # an untraceable stem, proved from its source
     ],
 )
 def test_classifier_whole_model(name):

@@ -115,6 +115,84 @@ def test_dynamic_access_proves_nothing():
     assert find_source_pairs(Dynamic()) is None
 
 
+class Staged(_Base):
+    """HRNet's stem: the stages are looked up with an f-string getattr,
+    which reaches only ``stage*`` attributes (a config among them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6))
+        self.stage2 = nn.Conv2d(6, 6, 1)
+        self.stage1_cfg = {'num_blocks': (4,), 'block': 'BASIC'}
+
+    def forward(self, x):
+        assert len(x)  # fx cannot trace len() of a tensor
+        x = self.conv(x)
+        x = self.bn(x)
+        for i in range(1, 3):
+            x = getattr(self, f'stage{i}')(x)
+        return self.bn2(self.conv2(x))
+
+
+class StagedReachesConv(Staged):
+    def forward(self, x):
+        assert len(x)  # fx cannot trace len() of a tensor
+        x = self.bn(self.conv(x))
+        suffix = ''
+        x = getattr(self, f'conv2{suffix}')(x)  # the pair below's conv2
+        return self.bn2(self.conv2(x))
+
+
+class StagedHoldsConv(Staged):
+    def __init__(self):
+        super().__init__()
+        self.stage_list = [self.conv]  # a plain list holding the conv
+
+
+class StagedMethod(Staged):
+    def stage_helper(self, x):  # a method that getattr could return
+        return self.conv(x)
+
+
+class StagedOwnGetattr(Staged):
+    def __getattr__(self, name):
+        return super().__getattr__(name)
+
+
+class StagedByName(Staged):
+    def forward(self, x):
+        assert len(x)  # fx cannot trace len() of a tensor
+        x = self.bn(self.conv(x))
+        name = 'stage1'
+        return self.bn2(self.conv2(getattr(self, name)(x)))
+
+
+def test_an_f_string_getattr_reaches_only_its_prefix():
+    found = find_source_pairs(Staged())
+    assert sorted(found.pairs) == [('conv', 'bn'), ('conv2', 'bn_two')]
+    assert {'stage1', 'stage2'} <= set(found.callees)
+    # the prefix reaches the pair's conv: that pair is not proved
+    assert find_source_pairs(StagedReachesConv()).pairs == [('conv', 'bn')]
+    for cls in (StagedHoldsConv, StagedMethod, StagedOwnGetattr, StagedByName):
+        assert find_source_pairs(cls()) is None, cls
+
+
+def test_a_staged_frame_folds_exactly_at_every_call():
+    ref, tuned, report = _turned_on(Staged)
+    assert sorted(report.converted) == [
+        ('conv', 'bn'),
+        ('conv2', 'bn_two'),
+        ('stage1.0', 'stage1.1'),
+    ]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    report.reset_counts()
+    with count_batch_norm_calls() as counter:
+        assert compare_models(ref, tuned, [x], rtol=1e-10) == []
+    assert report.never_folded() == []
+    assert all(c.computed == {} for c in report.fold_counts().values())
+    del counter
+
+
 def test_a_forward_without_source_proves_nothing():
     namespace = {}
     exec('def forward(self, x):\n    return self.bn(self.conv(x))', namespace)
