@@ -140,8 +140,8 @@ class _FoldVectors(torch.autograd.Function):
             return (None, None) + _backward_autograd(ctx, grads, used)
         scale, shift, inv_std, _ = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
-        flat_s = _flat(grad_s, plan, scale)
-        flat_b = _flat(grad_b, plan, scale)
+        flat_s = _flat(grad_s, plan, scale, plan.factor_view is not None)
+        flat_b = _flat(grad_b, plan, scale, True)
         out = [None] * (3 * n + 2)
         if any(needs[:n]):  # conv biases
             _put(out, 0, flat_b * scale, plan, needs, used)
@@ -153,9 +153,15 @@ class _FoldVectors(torch.autograd.Function):
         return (None, None, *out)
 
 
-def _flat(grads, plan: FoldGroupPlan, like: Tensor) -> Tensor:
+def _flat(grads, plan: FoldGroupPlan, like: Tensor, alike: bool) -> Tensor:
     """Per-pair gradients as one vector of ``like``'s dtype (zeros where a
-    pair got none)."""
+    pair got none). ``alike``: the outputs they are the gradients of all
+    have as many dimensions (the biases; the factors when the weights
+    do), so that when every pair got one, one ``cat`` joins them as they
+    are."""
+    if alike and all(g is not None for g in grads):
+        flat = torch.cat(grads).view(-1)
+        return flat if flat.dtype == like.dtype else flat.to(like.dtype)
     return torch.cat(
         [
             like.new_zeros(c) if g is None else g.reshape(c).to(like.dtype)
