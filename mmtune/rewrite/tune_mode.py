@@ -143,24 +143,28 @@ def escaped(pair: 'TunePair', output=None) -> bool:
     return False
 
 
+def _changed(what: str, now, value) -> Optional[str]:
+    """Why ``now`` (``_MISSING``: gone) is not the traced ``value`` of
+    ``what`` (equal and of the same type, lists and dicts item by item),
+    or None."""
+    if now is value or (now is not _MISSING and same_value(now, value)):
+        return None
+    shown = 'gone' if now is _MISSING else repr(now)
+    return f'{what} is {shown}; its forward was traced with {value!r}'
+
+
 def state_problem(frame: nn.Module, state) -> Optional[str]:
     """Why the frame's plain attributes that its traced forward read no
-    longer have the values it was traced with (equal and of the same type,
-    lists and dicts item by item), or None (``state``:
+    longer have the values it was traced with, or None (``state``:
     :attr:`~.analysis.Pair.frame_state`)."""
     attrs = frame.__dict__
     for name, value in state:
         now = attrs.get(name, _MISSING)
         if now is _MISSING:  # a class attribute or a property
             now = getattr(frame, name, _MISSING)
-        if now is not value and (
-            now is _MISSING or not same_value(now, value)
-        ):
-            shown = 'gone' if now is _MISSING else repr(now)
-            return (
-                f'the frame attribute {name!r} is {shown}; its forward was '
-                f'traced with {value!r}'
-            )
+        reason = _changed(f'the frame attribute {name!r}', now, value)
+        if reason is not None:
+            return reason
     return None
 
 
@@ -171,14 +175,9 @@ def globals_problem(state) -> Optional[str]:
     for module_name, name, value in state:
         module = sys.modules.get(module_name)
         now = _MISSING if module is None else vars(module).get(name, _MISSING)
-        if now is not value and (
-            now is _MISSING or not same_value(now, value)
-        ):
-            shown = 'gone' if now is _MISSING else repr(now)
-            return (
-                f'the global {module_name}.{name} is {shown}; its forward '
-                f'was traced with {value!r}'
-            )
+        reason = _changed(f'the global {module_name}.{name}', now, value)
+        if reason is not None:
+            return reason
     return None
 
 

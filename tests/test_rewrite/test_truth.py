@@ -686,19 +686,27 @@ class Interrupted(nn.Module):
         return self.bn2(self.conv2(x))
 
 
+def _interrupt_then_write(ref, tuned, pair_of):
+    """Interrupt a call of ``tuned``, then write the conv weight and BN
+    variance that ``pair_of(model)`` gives of both models through ``.data``
+    (an EMA-style swap: it bumps no version, only a new fold sees it)."""
+    tuned.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        tuned(_x())
+    tuned.interrupt = False
+    with torch.no_grad():
+        for model in (ref, tuned):
+            conv, bn = pair_of(model)
+            conv.weight.data.mul_(-2.0)
+            bn.running_var.data.mul_(3.0)
+
+
 @pytest.mark.parametrize('batch', BATCH)
 def test_a_call_interrupted_by_keyboard_interrupt_leaves_nothing_stale(
     batch,
 ):
     ref, tuned, report = _tuned(_prepare(Interrupted()), batch, expect=2)
-    tuned.interrupt = True
-    with pytest.raises(KeyboardInterrupt):
-        tuned(_x())
-    tuned.interrupt = False
-    with torch.no_grad():  # an EMA-style swap through .data
-        for model in (ref, tuned):
-            model.conv2.weight.data.mul_(-2.0)
-            model.bn2.running_var.data.mul_(3.0)
+    _interrupt_then_write(ref, tuned, lambda m: (m.conv2, m.bn2))
     _check(ref, tuned, _x(), report)
     if batch:
         (fold_batch,) = fold_batches(tuned)
@@ -723,14 +731,7 @@ def test_a_block_called_alone_after_an_interrupted_call_takes_nothing_of_it(
     batch,
 ):
     ref, tuned, report = _tuned(_prepare(InterruptedBlocks()), batch, expect=2)
-    tuned.interrupt = True
-    with pytest.raises(KeyboardInterrupt):
-        tuned(_x())
-    tuned.interrupt = False
-    with torch.no_grad():  # bumps no version: only a new fold sees it
-        for model in (ref, tuned):
-            model.block2.conv.weight.data.mul_(-2.0)
-            model.block2.bn.running_var.data.mul_(3.0)
+    _interrupt_then_write(ref, tuned, lambda m: (m.block2.conv, m.block2.bn))
     x = _x(2, 4, 6, 6)
     torch.testing.assert_close(
         tuned.block2(x), ref.block2(x), rtol=1e-12, atol=1e-12
