@@ -33,13 +33,13 @@ and tune mode folds a call only while each has its traced value, of the
 same type (:func:`same_value`); a frame whose forward changes one it reads
 is skipped. Tune mode likewise folds only while the plain module globals
 that the same code reads by name (``if DEBUG:``, ``FLAGS['skip']``) have
-their traced values. A value reached through
-another object (``self.opts.flag`` of a plain class instance, a global
-read through ``getattr``) is not watched: that is the known limit (a call
-whose conv output then misses its BN is warned about, and the pair stops
-folding; one that also sends it elsewhere is not seen). A tensor that the
-forward stores on the frame
-(``self.feats.append(x)``, ``self.pre = x``) leaves the traced dataflow: a
+their traced values. A value reached through another object
+(``self.opts.flag`` of a plain class instance, a global read through
+``getattr``) is not watched: that is the known limit (a call whose conv
+output then misses its BN is warned about, and the pair stops folding; one
+that also sends it elsewhere is not seen). A tensor that the forward
+stores on the frame (``self.feats.append(x)``, ``self.pre = x``) leaves
+the traced dataflow: a
 conv whose output, or anything computed from it, is found stored in the
 frame's attributes after a trace is not paired. Each trace is undone: the
 frame's attributes, and the contents of the containers among them, are put
@@ -334,7 +334,10 @@ def _read_names(
     return names, global_names
 
 
-def global_values(
+_NO_VALUE = object()
+
+
+def _global_values(
     keys: Set[Tuple[str, str]],
 ) -> Dict[Tuple[str, str], object]:
     """The plain values (:func:`_is_plain`) of the module globals ``keys``
@@ -349,9 +352,6 @@ def global_values(
         if value is not _NO_VALUE and _is_plain(value):
             values[module_name, name] = _frozen(value)
     return values
-
-
-_NO_VALUE = object()
 
 
 def _watched_values(frame: nn.Module, names: Set[str]) -> Dict[str, object]:
@@ -507,7 +507,7 @@ def _trace_all_paths(
                     f'reads ({value!r}, then {after[name]!r})'
                 )
         reads.update(before)
-        global_reads.update(global_values(global_names))
+        global_reads.update(_global_values(global_names))
         graphs.append((graph, stored))
         for target, found in tracer.chains.items():
             chains[target] |= found

@@ -89,6 +89,16 @@ def batch_allowed() -> bool:
     )
 
 
+def runs_within(outer: types.FrameType, frame) -> bool:
+    """Whether the Python frame ``frame`` is ``outer`` or was called, at
+    any depth, from it (a walk up ``frame``'s callers)."""
+    while frame is not None:
+        if frame is outer:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def check_batch_arg(batch) -> None:
     """Raise a ValueError naming ``batch`` unless it is 'auto', True or
     False."""
@@ -258,14 +268,7 @@ class FoldBatch:
         that opened the batch (one walk up the stack, about 15 frames for
         a ResNet block's conv)."""
         outer = self._outer
-        if outer is None:
-            return True
-        frame = sys._getframe(2)
-        while frame is not None:
-            if frame is outer:
-                return True
-            frame = frame.f_back
-        return False
+        return outer is None or runs_within(outer, sys._getframe(2))
 
     def take(self, index: int) -> Optional[ConvBNFold]:
         """The fold of member ``index``, or None when the pair must fold on

@@ -262,6 +262,19 @@ def _prefixed_getattrs(
     return found
 
 
+def _parse_safe(frame: nn.Module, fn):
+    """``(definition, safe prefixed getattrs)`` of ``frame``'s function
+    ``fn`` when its source can be read and it is not :func:`_unsafe`, or
+    None."""
+    definition = _parse(fn)
+    if definition is None:
+        return None
+    prefixed = _prefixed_getattrs(frame, definition)
+    if _unsafe(definition, prefixed):
+        return None
+    return definition, prefixed
+
+
 def _unsafe(definition: ast.FunctionDef, prefixed=()) -> bool:
     """Whether the function uses dynamic access (other than the safe
     ``prefixed`` getattrs), rebinds or shadows its ``self``, or is a
@@ -533,12 +546,10 @@ def _helper(frame: nn.Module, attr: str, forward) -> Optional[_Helper]:
     """The helper ``frame.<attr>`` if it returns a conv's output and
     nothing else (see the module docstring), or None."""
     fn = _helper_function(frame, attr, forward)
-    definition = None if fn is None else _parse(fn)
-    if definition is None:
+    checked = None if fn is None else _parse_safe(frame, fn)
+    if checked is None:
         return None
-    prefixed = _prefixed_getattrs(frame, definition)
-    if _unsafe(definition, prefixed):
-        return None
+    definition, prefixed = checked
     parents = _parents(definition)
     returns = [n for n in ast.walk(definition) if isinstance(n, ast.Return)]
     if len(returns) != 1 or returns[0].value is None:
@@ -721,12 +732,10 @@ def find_source_pairs(frame: nn.Module) -> Optional[SourcePairs]:
     module docstring), or None when the source cannot be read or uses
     dynamic access."""
     fn = type(frame).forward
-    definition = _parse(fn)
-    if definition is None:
+    checked = _parse_safe(frame, fn)
+    if checked is None:
         return None
-    prefixed = _prefixed_getattrs(frame, definition)
-    if _unsafe(definition, prefixed):
-        return None
+    definition, prefixed = checked
     self_name = _self_name(definition)
     child_name = {id(m): n for n, m in frame._modules.items() if m is not None}
     naming, callees = _naming(frame, definition, prefixed)

@@ -50,7 +50,7 @@ from .analysis import (
     resolve_roots,
     same_value,
 )
-from .fold_batch import FoldBatch, check_batch_arg
+from .fold_batch import FoldBatch, check_batch_arg, runs_within
 from .guards import (
     bn_type_problem,
     conv_type_problem,
@@ -651,12 +651,7 @@ class ForwardScope:
         self.outer = None
 
     def _outer_running(self) -> bool:
-        frame = sys._getframe(2)
-        while frame is not None:
-            if frame is self.outer:
-                return True
-            frame = frame.f_back
-        return False
+        return runs_within(self.outer, sys._getframe(2))
 
     def enter(self, module, args) -> None:
         if is_compiling():
